@@ -1,0 +1,167 @@
+"""The model: causality of the STAR objective, separator packing, the recurrent step, presets, loading."""
+import pytest
+import torch
+
+import star
+
+
+def tiny(**overrides):
+    return star.make_config("tiny", **overrides)
+
+
+def images(cfg, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("separator, cluster", [("cluster", 2), ("token", 2), ("none", 2), ("cluster", 1)])
+def test_predictions_never_see_their_own_cluster_or_later(separator, cluster):
+    torch.manual_seed(0)
+    cfg = tiny(separator=separator, cluster=cluster, images_per_seq=3)
+    model = star.StarPretrain(cfg).double().eval()
+    x = images(cfg, 3)
+    pred, _ = model.predict(x)  # (1, Q, p*p*C)
+    K, N, cc = cfg.images_per_seq, cfg.num_patches, cfg.cluster ** 2
+    order = star.cluster_order(cfg.grid, cfg.cluster)  # raster patch at every sequence position
+    # (image, cluster) of every target, in sequence order; comparing tuples compares sequence positions
+    where = [(int(t) // N, (int(t) % N) // cc) for t in model.target]
+    clusters = N // cc
+    for k, j in [(0, 0), (0, clusters - 1), (1, 0), (1, clusters // 2), (K - 1, clusters - 1)]:
+        y = x.clone()
+        raster_patch = int(order[j * cc + cc - 1])  # the last patch of cluster j
+        row, col = divmod(raster_patch, cfg.grid)
+        y[k, 0, row * cfg.patch, col * cfg.patch] += 5.0  # one pixel of cluster j of image k
+        changed = (model.predict(y)[0] - pred).abs().amax(-1)[0] > 1e-12  # (Q,)
+        for q, (kq, jq) in enumerate(where):
+            if (kq, jq) <= (k, j):
+                assert not changed[q], f"target (image {kq}, cluster {jq}) saw a change in (image {k}, cluster {j})"
+        later = [q for q, w in enumerate(where) if w > (k, j)]
+        assert not later or changed[later].any(), "a change never reached any later prediction"
+
+
+def test_every_image_gets_the_same_separator_and_unpacking_inverts_packing():
+    cfg = tiny(images_per_seq=4)
+    s, N = cfg.sep_len, cfg.num_patches
+    sep = torch.randn(s, 8)
+    tokens = torch.randn(8, N, 8)
+    seq = star.pack_with_separators(tokens, sep, K=4)
+    assert seq.shape == (2, cfg.seq_len, 8) and cfg.seq_len == 4 * (N + s)
+    for k in range(4):
+        start = k * (s + N)
+        assert torch.equal(seq[:, start:start + s], sep.expand(2, s, 8))
+        assert torch.equal(seq[:, start + s:start + s + N], tokens.view(2, 4, N, 8)[:, k])
+    assert torch.equal(star.unpack_images(seq, 4, s), tokens)
+    with pytest.raises(ValueError, match="divisible by images_per_seq"):
+        star.pack_with_separators(tokens[:7], sep, K=4)
+
+
+@pytest.mark.parametrize("separator, untargeted", [("cluster", 0), ("token", 0), ("none", 4)])
+def test_targets_are_exactly_the_image_patches(separator, untargeted):
+    cfg = tiny(separator=separator, images_per_seq=2)
+    model = star.StarPretrain(cfg).double()
+    x = images(cfg, 4)
+    pred, target = model.predict(x)
+    K, N = cfg.images_per_seq, cfg.num_patches
+    assert pred.shape == target.shape == (2, K * N - untargeted, cfg.patch_dim)
+    in_seq_order = star.patchify(x, cfg.patch)[:, model.order].reshape(2, K * N, -1)
+    assert torch.equal(target, in_seq_order[:, untargeted:])  # no separator position is ever a target
+    # the loss is the MSE to per-patch normalised pixels of those targets
+    norm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(model(x), ((pred - norm) ** 2).mean().float())
+
+
+def test_separator_gets_gradient_only_when_present():
+    x = images(tiny(), 4).float()
+    model = star.StarPretrain(tiny(separator="cluster"))
+    model(x).backward()
+    assert model.separator.grad.abs().sum() > 0
+    assert star.StarPretrain(tiny(separator="none")).separator.numel() == 0
+
+
+def test_recurrent_step_equals_parallel_forward():
+    torch.manual_seed(0)
+    cfg = tiny(width=16, d_state=8)
+    mixer = star.MambaMixer(cfg).double()
+    x = torch.randn(3, 11, cfg.width, dtype=torch.float64)
+    parallel = mixer(x)  # (b, l, width)
+    state = mixer.init_state(3)
+    state = (state[0].double(), state[1].double())
+    steps = torch.stack([mixer.step(x[:, t], state) for t in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(steps, parallel, rtol=1e-10, atol=1e-10)
+
+
+def test_preset_parameter_counts():
+    cifar = star.count_params(star.StarClassifier(star.make_config("cifar")))
+    assert 5.5e6 <= cifar <= 6.0e6, cifar
+    base = star.count_params(star.StarClassifier(star.make_config("base")))
+    assert abs(base / 85e6 - 1) <= 0.03, base  # ARM-B as finetuned: about 85M
+    assert star.count_params(star.StarClassifier(star.make_config("tiny"))) < 100_000
+    assert star.make_config("base").seq_len == 640 and star.make_config("cifar").seq_len == 272
+
+
+def test_a_few_steps_drive_the_loss_down():
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = star.StarPretrain(cfg)
+    coarse = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")  # smooth, so predictable images
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("dirs", [1, 2, 4])
+def test_classifier_loads_pretrained_weights_into_every_direction(dirs):
+    torch.manual_seed(0)
+    pre = star.StarPretrain(tiny())
+    clf = star.StarClassifier(tiny(scan_dirs=dirs))
+    missing, unexpected = clf.load_pretrained(pre.state_dict())
+    assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert "separator" in unexpected and all(not k.startswith("encoder.") for k in unexpected)
+    for i in range(dirs):
+        for name in ("A_log", "D", "conv1d.weight", "x_proj.weight", "dt_proj.bias"):
+            got = clf.state_dict()[f"encoder.blocks.1.mixer.branches.{i}.{name}"]
+            assert torch.equal(got, pre.state_dict()[f"encoder.blocks.1.mixer.branches.0.{name}"])
+    assert clf(images(tiny(), 2).float()).shape == (2, 10)
+
+
+def test_four_way_classifier_sees_both_directions():
+    # the causal classifier's first token ignores later tokens; four-way scans do not
+    torch.manual_seed(0)
+    x = images(tiny(), 1)
+    y = x.clone()
+    y[..., -1, -1] += 5.0  # a pixel of the last patch
+    for dirs, should_change in [(1, False), (4, True)]:
+        enc = star.StarClassifier(tiny(scan_dirs=dirs)).double().eval()
+        tokens = lambda im: enc.encoder(enc.encoder.embed(star.patchify(im, 8)),
+                                        orders=[(getattr(enc, f"perm{i}"), getattr(enc, f"inv{i}"))
+                                                for i in range(dirs)])[-1][:, 0]
+        assert (not torch.allclose(tokens(x), tokens(y), atol=1e-12)) == should_change
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(img_size=30), "img_size must be divisible by patch"),
+    (dict(cluster=3), "must be divisible by cluster"),
+    (dict(separator="dot"), "separator must be"),
+])
+def test_bad_configs_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
+
+
+def test_bad_images_raise():
+    model = star.StarPretrain(tiny())
+    with pytest.raises(ValueError, match=r"expected images \(b, 3, 32, 32\)"):
+        model(torch.randn(2, 1, 32, 32))  # wrong channel count
+    with pytest.raises(ValueError, match="divisible by images_per_seq"):
+        model(torch.randn(3, 3, 32, 32))
+    with pytest.raises(ValueError, match="model is on cpu"):
+        model(torch.randn(2, 3, 32, 32, device="meta"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        star.make_config("huge")
