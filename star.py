@@ -126,6 +126,8 @@ class _ScanCore(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)  # the matmuls stay in the math dtype under bf16 autocast
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, u, delta, A, B, C):
         b, d, l = u.shape
         g, n = B.shape[1], B.shape[2]
@@ -137,6 +139,8 @@ class _ScanCore(torch.autograd.Function):
         return y.view(b, l, d).transpose(1, 2), h[:, -1].clone()  # (b, d, l), (b, d, n)
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, dy, dh_last):
         ut, dt, A, Bt, Ct = ctx.saved_tensors
         b, l, d = ut.shape

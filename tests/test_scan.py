@@ -129,3 +129,11 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("STAR_SCAN", "cuda")
     with pytest.raises(RuntimeError, match="cannot run"):
         star.selective_scan(**inp)
+
+
+def test_autocast_does_not_lower_the_scan_precision():
+    inp = make_inputs(2, 4, 16, 40, seed=7)
+    want = star.selective_scan_ref(**inp, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = star.selective_scan_torch(**inp, delta_softplus=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
