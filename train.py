@@ -1,0 +1,772 @@
+"""
+Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or evaluate it.
+
+    python train.py                                  # offline demo: built-in shapes data, tiny model, a few CPU minutes
+    python train.py --data cifar10 --preset cifar --batch_size 512 --pretrain_epochs 300 --finetune_epochs 100 \
+        --lr 1.5e-3 --eval_every 10 --out runs/c10    # STAR on CIFAR-10 (torchvision downloads it into data/)
+    python train.py --images_per_seq 1 --separator none ...   # the ARM baseline; K>1 with no separator: concat only
+    python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/c10_ft   # (no --init: from scratch)
+    python train.py --mode probe --init runs/c10/pretrain.pt --out runs/c10_probe   # linear probe, frozen encoder
+    python train.py --mode eval --init runs/c10/finetune.pt --data cifar10
+    python train.py --out runs/c10 --resume ...      # go on where it stopped; Ctrl-C saves at a step boundary
+    torchrun --standalone --nproc_per_node 8 train.py ...   # DDP: every GPU takes its share of each global batch
+
+Data: synthetic | cifar10 | cifar100 | folder:PATH (ImageFolder layout: PATH/train and PATH/val or PATH/test, or
+one folder split 90/10) | npz:GLOB (x uint8 N x H x W [x C], y int; test split from --test_data npz:GLOB).
+The model is built for the data's image size, channels and classes; --img_size resizes the data.
+Every knob below is a flag (--name value); so is every field of star.StarConfig (--width 256 --separator token).
+Run folder: {pretrain,finetune,scratch,probe}.pt checkpoints, log.jsonl (one JSON line per epoch), and
+samples_*.png: test images, the teacher-forced next-cluster predictions, lower halves completed autoregressively.
+"""
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import star
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class Args:
+    # what to run, on what
+    mode: str = "all"             # all: pretrain, finetune from it and from scratch, report | pretrain | finetune | probe | eval
+    data: str = "synthetic"       # synthetic | cifar10 | cifar100 | folder:PATH | npz:GLOB
+    test_data: str = ""           # folder:PATH or npz:GLOB for the test split (else the data's own, or 10% held out)
+    data_dir: str = "data"        # where torchvision downloads CIFAR
+    img_size: int = 0             # resize the images to this side (0: keep the data's size)
+    num_train: int = 0            # use the first N training images (0: all; synthetic: 5000 generated)
+    num_test: int = 0             # the same for the test split (synthetic: 1000)
+    preset: str = "tiny"          # star.py preset: tiny | cifar | base; other model fields are flags too
+    init: str = ""                # pretraining checkpoint to finetune or probe; the checkpoint to evaluate
+    out: str = "runs/default"     # run folder
+    resume: bool = False          # continue the checkpoints in --out where they stopped
+    seed: int = 0
+    # pretraining, ARM's recipe (short runs want a higher lr than ARM's 1.5e-4 over 1600 epochs)
+    pretrain_epochs: int = 8
+    batch_size: int = 64          # global batch of both phases, in images, split evenly over the GPUs
+    lr: float = 2e-3              # at batch 256; the lr used is lr * batch_size / 256
+    warmup_epochs: float = 1.0
+    min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
+    weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
+    # finetuning (and probing), single images, four-way scans
+    finetune_epochs: int = 8
+    ft_lr: float = 2e-3           # at batch 256
+    ft_warmup_epochs: float = 1.0
+    ft_min_scale: float = 0.35
+    ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
+    label_smoothing: float = 0.1
+    layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
+    compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
+    # logging and system
+    eval_every: int = 1           # epochs between test evaluations (and sample grids); the last epoch always
+    log_every: int = 10           # steps between progress-bar updates (and loss checks)
+    num_samples: int = 8          # images in each sample grid
+    device: str = "auto"          # auto | cpu | cuda
+    progress: bool = True         # tqdm bars
+    overrides: dict = field(default_factory=dict)  # StarConfig fields given as flags
+
+# -----------------------------------------------------------------------------
+# command line, devices
+
+MODES = ("all", "pretrain", "finetune", "probe", "eval")
+DATASETS = "synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"
+FROM_DATA = ("img_size", "in_chans", "num_classes")  # model fields the data decides
+SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")  # the weights' shapes
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="STAR pretraining and finetuning; the knobs are at the top of train.py")
+    for f in fields(Args):
+        if f.name != "overrides":
+            p.add_argument(f"--{f.name}", default=f.default, type=_bool if f.type is bool else f.type,
+                           **({"nargs": "?", "const": True} if f.type is bool else {}))
+    model = [f for f in fields(star.StarConfig) if f.name not in FROM_DATA]
+    g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
+    for f in model:
+        g.add_argument(f"--{f.name}", type=f.type, default=None, dest=f"model_{f.name}")
+    ns = vars(p.parse_args(argv))
+    args = Args(**{f.name: ns[f.name] for f in fields(Args) if f.name != "overrides"})
+    args.overrides = {f.name: ns[f"model_{f.name}"] for f in model if ns[f"model_{f.name}"] is not None}
+    if args.mode not in MODES:
+        raise ValueError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    return args
+
+
+def setup(args):
+    """One process per GPU under torchrun (RANK set), else one process on args.device."""
+    ddp = "RANK" in os.environ
+    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        dist.init_process_group("nccl" if want_cuda else "gloo")  # gloo: DDP on CPUs, for tests
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if want_cuda else "cpu")
+    else:
+        rank, world, device = 0, 1, torch.device("cuda" if want_cuda else args.device if args.device != "auto" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    logging.basicConfig(format="%(message)s")
+    for name in ("train", "star"):
+        logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, phase=None)
+
+
+def autocast(env):
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda")
+
+# -----------------------------------------------------------------------------
+# data: every image set ends up as uint8 (n, C, H, W) and int64 labels, on the device
+
+
+def _sdf_plus(u, v):
+    return torch.maximum(torch.minimum(0.3 - u.abs(), 1 - v.abs()), torch.minimum(0.3 - v.abs(), 1 - u.abs()))
+
+
+def _box(u, v):
+    return torch.maximum(u.abs(), v.abs())
+
+
+# signed distance of each shape in its own unit coordinates (u, v), positive inside
+SHAPES = {
+    "disk": lambda u, v: 1 - torch.hypot(u, v),
+    "ring": lambda u, v: 0.28 - (torch.hypot(u, v) - 0.72).abs(),
+    "square": lambda u, v: 0.85 - _box(u, v),
+    "frame": lambda u, v: 0.2 - (_box(u, v) - 0.7).abs(),
+    "triangle": lambda u, v: 0.5 - torch.maximum(v, torch.maximum(-0.866 * u - 0.5 * v, 0.866 * u - 0.5 * v)),
+    "plus": _sdf_plus,
+    "cross": lambda u, v: _sdf_plus((u + v) / 2 ** 0.5, (u - v) / 2 ** 0.5),
+    "stripes": lambda u, v: torch.minimum(0.85 - _box(u, v), 0.25 * torch.sin(u * 2.5 * math.pi)),
+    "checker": lambda u, v: torch.minimum(0.85 - _box(u, v), 0.5 * torch.sin(u * 2 * math.pi) * torch.sin(v * 2 * math.pi)),
+    "dots": lambda u, v: 0.32 - torch.stack([torch.hypot(u - a, v - b) for a, b in
+                                             ((0, -0.6), (-0.55, 0.45), (0.55, 0.45))]).amin(0),
+}
+
+
+def synthetic_shapes(n, size=32, seed=0):
+    """The built-in offline data set: n RGB images (n, 3, size, size) uint8 of 10 shape classes, labels (n,).
+
+    One shape per image, of random position, radius, rotation and colour, on a background of another
+    colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g)
+    y = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=g)]
+    r = size * (0.18 + 0.17 * rand(n, 1, 1))  # (n, 1, 1) shape radius in pixels
+    cx, cy = (size / 2 + (size / 2 - r) * (2 * rand(n, 1, 1) - 1) for _ in range(2))
+    angle = (rand(n, 1, 1) - 0.5) * math.pi * 2 / 9  # +-20 degrees: plus and cross stay apart
+    px = torch.arange(size) + 0.5
+    dx, dy = px[None, None, :] - cx, px[None, :, None] - cy  # (n, size, size) each
+    u, v = (dx * angle.cos() + dy * angle.sin()) / r, (dy * angle.cos() - dx * angle.sin()) / r
+    sdf = torch.empty(n, size, size)
+    for c, shape in enumerate(SHAPES.values()):
+        sdf[y == c] = shape(u[y == c], v[y == c])
+    alpha = torch.sigmoid(2 * sdf * r)[:, None]  # (n, 1, size, size): edges about a pixel wide
+    bg = 0.5 * rand(n, 3, 1, 1)  # dark backgrounds, light shapes, hues at random
+    fg = bg + 0.3 + 0.2 * rand(n, 3, 1, 1)
+    phi = 2 * math.pi * rand(n, 1, 1, 1)
+    ramp = (dx[:, None] * phi.cos() + dy[:, None] * phi.sin()) / size  # (n, 1, size, size)
+    img = bg * (1 - alpha) + fg * alpha + 0.3 * (rand(n, 3, 1, 1) - 0.5) * ramp
+    img = img + 0.06 * torch.randn(img.shape, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+def resize(x, size):
+    """uint8 (n, C, H, W) -> (n, C, size, size): centre crop to a square, then antialiased bilinear resizing."""
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    if s == size:
+        return x
+    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def read_npz(pattern):
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise ValueError(f"npz:{pattern} matches no files")
+    xs, ys = [], []
+    for path in files:
+        with np.load(path) as f:
+            if "x" not in f or "y" not in f:
+                raise ValueError(f"{path} holds {list(f.keys())}; expected arrays x (uint8 N x H x W x C) and y")
+            x, y = f["x"], f["y"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
+            raise ValueError(f"{path}: x must be uint8 N x H x W (x C) with one label in y per image, "
+                             f"got x {x.dtype} {x.shape}, y {y.shape}")
+        x = torch.from_numpy(x)
+        xs.append(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2))  # grayscale gets one channel
+        ys.append(torch.from_numpy(y.astype(np.int64)))
+    if len({t.shape[1:] for t in xs}) > 1:
+        raise ValueError(f"the files of npz:{pattern} hold images of different shapes: "
+                         f"{sorted({tuple(t.shape[1:]) for t in xs})}")
+    return torch.cat(xs), torch.cat(ys), None
+
+
+def read_folder(root, size=0, classes=None):
+    """ImageFolder layout (root/CLASS/IMAGE); grayscale when every image is, resized to size when given."""
+    from PIL import Image, ImageOps
+    from torchvision.datasets import ImageFolder
+    try:
+        folder = ImageFolder(root, loader=Image.open)
+    except (FileNotFoundError, OSError) as e:
+        raise ValueError(f"folder:{root} is not in ImageFolder layout (one subfolder per class): {e}") from None
+    if classes is not None and folder.classes != classes:
+        raise ValueError(f"{root} has classes {folder.classes}, the training data {classes}")
+    images = [Image.open(path) for path, _ in folder.samples]
+    mode = "L" if all(im.mode in ("1", "L", "I;16", "I") for im in images) else "RGB"
+    sizes = {im.size for im in images}
+    if not size and (len(sizes) > 1 or any(w != h for w, h in sizes)):
+        raise ValueError(f"the images in {root} are not all square and of one size ({sorted(sizes)[:4]}...); "
+                         f"pass --img_size N to resize them")
+    arrays = [np.asarray(ImageOps.fit(im.convert(mode), (size, size)) if size else im.convert(mode)) for im in images]
+    x = torch.from_numpy(np.stack(arrays))
+    x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)
+    return x, torch.tensor([label for _, label in folder.samples]), folder.classes
+
+
+def hold_out(x, y, fraction=0.1):
+    """A deterministic train/test split of one image set (the same permutation every time)."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    n = max(1, int(len(x) * fraction))
+    log.info(f"no test split given: holding out {n} of {len(x)} images for testing")
+    return (x[perm[n:]], y[perm[n:]]), (x[perm[:n]], y[perm[:n]])
+
+
+def load_cifar(name, root, env):
+    import torchvision
+    make = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        if env.master:
+            make(root, train=True, download=True), make(root, train=False, download=True)
+        if env.ddp:
+            dist.barrier()
+        sets = [make(root, train=train) for train in (True, False)]
+    except (OSError, RuntimeError) as e:  # no internet: URLError is an OSError
+        raise SystemExit(f"could not get {name} into {root}/ ({e}).\nWithout internet, point at a local copy: "
+                         f"--data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz (x uint8 N x H x W x C, y int), "
+                         f"or --data folder:DIR (ImageFolder layout), or --data_dir where torchvision's files are")
+    return [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in sets] + [sets[0].classes]
+
+
+def load_split(spec, size, classes=None):
+    if spec.startswith("npz:"):
+        return read_npz(spec[4:])[:2]
+    if spec.startswith("folder:"):
+        return read_folder(spec[7:], size, classes)[:2]
+    raise ValueError(f"--test_data must be npz:GLOB or folder:PATH, got {spec!r}")
+
+
+def load_data(args, env):
+    """The train and test images (uint8, on the device), labels, classes, and per-channel mean and std."""
+    spec, classes, test = args.data, None, None
+    if spec == "synthetic":
+        train = synthetic_shapes(args.num_train or 5000, args.img_size or 32, seed=0)
+        test = synthetic_shapes(args.num_test or 1000, args.img_size or 32, seed=1)
+        classes = list(SHAPES)
+    elif spec in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(spec, args.data_dir, env)
+    elif spec.startswith("folder:"):
+        root = spec[7:]
+        sub = {s: os.path.join(root, s) for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))}
+        *train, classes = read_folder(sub.get("train", root), args.img_size)
+        held = sub.get("val") or sub.get("test")
+        if "train" in sub and held and not args.test_data:
+            test = read_folder(held, args.img_size, classes)[:2]
+    elif spec.startswith("npz:"):
+        train = read_npz(spec[4:])[:2]
+    else:
+        raise ValueError(f"unknown dataset {spec!r}; choose one of {DATASETS}")
+    if args.test_data:
+        test = load_split(args.test_data, args.img_size, classes if args.test_data.startswith("folder:") else None)
+    elif test is None:
+        train, test = hold_out(*train)
+    (x, y), (xt, yt) = [(t[0][:n or None], t[1][:n or None]) for t, n in ((train, args.num_train), (test, args.num_test))]
+    if args.img_size:
+        x, xt = resize(x, args.img_size), resize(xt, args.img_size)
+    if x.shape[1:] != xt.shape[1:] or x.shape[2] != x.shape[3]:
+        raise ValueError(f"train images are {tuple(x.shape[1:])} and test images {tuple(xt.shape[1:])} (C, H, W); "
+                         f"the model takes square images of one size: pass --img_size N to resize them")
+    x, y, xt, yt = (t.to(env.device) for t in (x, y, xt, yt))
+    count = x.numel() / x.shape[1]  # pixels per channel
+    total = sum(c.double().sum((0, 2, 3)) for c in x.split(4096))  # (C,), in chunks: x may be large
+    total_sq = sum((c.double() ** 2).sum((0, 2, 3)) for c in x.split(4096))
+    mean = (total / count / 255).view(1, -1, 1, 1)
+    std = (total_sq / count / 255 ** 2 - mean.flatten() ** 2).clamp(min=1e-6).sqrt().view(1, -1, 1, 1)
+    num_classes = len(classes) if classes else int(max(y.max(), yt.max())) + 1
+    log.info(f"data {spec}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, {num_classes} classes")
+    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, mean=mean.float(), std=std.float(),
+                           num_classes=num_classes, name=spec)
+
+
+def normalize(x, data):
+    return (x.float() / 255 - data.mean) / data.std
+
+
+def random_crops(n, gen, min_scale):
+    """Affine maps (n, 2, 3) for random-resized crops (area min_scale..1, aspect 3/4..4/3) and horizontal flips.
+
+    Like torchvision's RandomResizedCrop, but a crop that would leave the image is clamped instead of redrawn.
+    """
+    r = torch.rand(n, 5, generator=gen, device=gen.device)
+    area = min_scale + (1 - min_scale) * r[:, 0]
+    aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * r[:, 1])
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of the image
+    theta = torch.zeros(n, 2, 3, device=gen.device)
+    theta[:, 0, 0] = w * torch.where(r[:, 4] < 0.5, -1.0, 1.0)
+    theta[:, 1, 1] = h
+    theta[:, 0, 2], theta[:, 1, 2] = (1 - w) * (2 * r[:, 2] - 1), (1 - h) * (2 * r[:, 3] - 1)  # crop centre
+    return theta
+
+
+def augment(x, theta, data):
+    """uint8 images (b, C, H, W) -> normalised float crops, in one batched resampling on the device."""
+    x = normalize(x, data)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+# -----------------------------------------------------------------------------
+# models, checkpoints, evaluation
+
+
+def model_config(args, data):
+    """The preset with the command line's fields, built for the data's image size, channels and classes."""
+    c, h = data.x.shape[1], data.x.shape[2]
+    try:
+        return star.make_config(args.preset, img_size=h, in_chans=c, num_classes=data.num_classes, **args.overrides)
+    except ValueError as e:
+        if f"img_size={h}" not in str(e):
+            raise
+        cfg = star.make_config(args.preset, **args.overrides)
+        raise ValueError(f"the images of {data.name} are {h}x{h} px, which the model cannot take ({e}); pass "
+                         f"--img_size with a multiple of patch*cluster = {cfg.patch * cfg.cluster} to resize them, "
+                         f"or another --patch / --cluster") from None
+
+
+def check_config(saved, cfg, names, what):
+    """Raise ValueError naming every field in names where a checkpoint's config differs from this run's."""
+    diff = [f"{n}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in names if saved.get(n) != getattr(cfg, n)]
+    if diff:
+        raise ValueError(f"{what} was made with another model config: {'; '.join(diff)}. "
+                         f"Pass the same --preset and model flags as the run that wrote it")
+
+
+def load_checkpoint(path, phase=None):
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own files: numpy RNG state inside
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by train.py")
+    if phase and ckpt["phase"] != phase:
+        raise ValueError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one"
+                         + (" (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""))
+    return ckpt
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """AdamW groups: no decay on 1-D params (norms, biases, D), A_log and the learned tokens; lr scale per layer."""
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.dim() < 2 or name.endswith("A_log") or name in ("separator", "query")
+        layer = (0 if name.startswith("encoder.patch_embed") else
+                 int(name.split(".")[2]) + 1 if name.startswith("encoder.blocks.") else depth + 1)
+        key = (no_decay, layer_decay ** (depth + 1 - layer))
+        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": key[1]})
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def _chunks(n, unit, env):
+    """This rank's share [lo, hi) of n items, in whole units (sequences of K images)."""
+    per = -(-(n // unit) // env.world) * unit
+    return env.rank * per, min(n // unit * unit, (env.rank + 1) * per)
+
+
+@torch.no_grad()
+def evaluate(model, data, args, env):
+    """Test loss (the STAR objective or cross-entropy) and accuracy, over all of the test split, all ranks."""
+    classify = isinstance(model, star.StarClassifier)
+    unit = 1 if classify else model.cfg.images_per_seq
+    lo, hi = _chunks(len(data.x_test), unit, env)
+    bs = max(args.batch_size // unit * unit, unit)
+    stats = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, correct, images
+    model.eval()
+    for s in range(lo, hi, bs):
+        x, y = normalize(data.x_test[s:min(s + bs, hi)], data), data.y_test[s:min(s + bs, hi)]
+        with autocast(env):
+            out = model(x)
+        if classify:
+            stats[0] += F.cross_entropy(out.float(), y, reduction="sum")
+            stats[1] += (out.argmax(1) == y).sum()
+        else:
+            stats[0] += out.double() * len(x)  # the mean over targets: every sequence has as many
+        stats[2] += len(x)
+    model.train()
+    if env.ddp:
+        dist.all_reduce(stats)
+    loss, correct, n = stats.tolist()
+    return {"test_loss": loss / max(n, 1)} | ({"test_acc": correct / max(n, 1)} if classify else {})
+
+
+@torch.no_grad()
+def complete_lower_half(model, imgs):
+    """Fill in the lower half of every image cluster by cluster, in sequence order, from its upper half.
+
+    The model is causal: its prediction for a cluster reads only what comes before it in the sequence (the image's
+    upper half, the clusters written in so far, the earlier images of the sequence), so we run it on the current
+    images, write its prediction for the next cluster in, and repeat. imgs (b, C, H, W) normalised, b divisible by K.
+    """
+    cfg, K = model.cfg, model.cfg.images_per_seq
+    cc, N, per_row = cfg.cluster ** 2, cfg.num_patches, cfg.grid // cfg.cluster
+    first = max(per_row // 2, 1) * per_row  # the first cluster of the lower half (clusters are in raster order)
+    row_of = torch.full((K * N,), -1, dtype=torch.long, device=imgs.device)
+    row_of[model.target] = torch.arange(len(model.target), device=imgs.device)  # sequence position -> pred row
+    patches = star.patchify(imgs, cfg.patch)  # (b, N, p*p*C) raster order
+    upper = patches[:, model.order[:first * cc]]  # (b, first*cc, p*p*C)
+    # the loss normalises every target patch, so predictions carry no mean or scale of their own: we de-normalise
+    # them with the average mean and std of the visible (upper-half) patches of the same image
+    mean, std = upper.mean(-1).mean(1)[:, None, None], upper.std(-1).mean(1)[:, None, None]  # (b, 1, 1)
+    patches[:, model.order[first * cc:]] = mean  # grey until written
+    for k in range(K):  # image k of every sequence
+        for j in range(first, N // cc):
+            pred, _ = model.predict(star.unpatchify(patches, cfg.patch, cfg.in_chans))  # (b/K, Q, p*p*C)
+            pos = torch.arange(j * cc, (j + 1) * cc, device=imgs.device)  # cluster j's positions in its image
+            patches[k::K, model.order[pos]] = pred[:, row_of[k * N + pos]].float() * std[k::K] + mean[k::K]
+    return star.unpatchify(patches, cfg.patch, cfg.in_chans)
+
+
+@torch.no_grad()
+def sample_grid(model, data, args, env, path):
+    """A PNG of three rows: test images, teacher-forced next-cluster predictions, autoregressive lower halves."""
+    K = model.cfg.images_per_seq
+    n = min(-(-args.num_samples // K) * K, len(data.x_test) // K * K)
+    if n == 0:
+        return
+    imgs = normalize(data.x_test[:n], data)
+    model.eval()
+    with autocast(env):
+        rows = [imgs, model.predicted_images(imgs).float(), complete_lower_half(model, imgs)]
+    model.train()
+    save_image((torch.cat(rows) * data.std + data.mean).clamp(0, 1), path, nrow=n)
+
+# -----------------------------------------------------------------------------
+# the training loop, shared by pretraining, finetuning and probing
+
+
+class StopFlag:
+    """Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary, after a checkpoint; twice stops at once."""
+
+    def __enter__(self):
+        self.set = False
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        log.warning("\nstopping after this step to write a checkpoint (press Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def save_checkpoint(path, model, optimizer, gen, state, data, args, env):
+    """Written atomically (a temporary file, then os.replace): an interruption leaves the last one intact."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
+    rngs = [rng]
+    if env.ddp:  # every rank's streams, so that a resumed multi-GPU run goes on exactly too
+        rngs = [None] * env.world
+        dist.all_gather_object(rngs, rng)
+    if env.master:
+        ckpt = {"phase": env.phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": None,  # bfloat16 needs no loss scaling
+                "config": asdict(model.cfg), "args": asdict(args), "norm": [data.mean.cpu(), data.std.cpu()],
+                "epoch": state["epoch"], "step": state["step"], "rng": rngs, "aug_rng": gen.get_state(),
+                "data_order": {"seed": args.seed, "epoch": state["epoch"], "batch": state["batch"]},
+                "losses": state["losses"], "history": state["history"]}
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def restore(path, model, optimizer, gen, env):
+    """Put the model, optimizer and every random stream back as they were when path was written."""
+    ckpt = load_checkpoint(path, env.phase)
+    check_config(ckpt["config"], model.cfg, [f.name for f in fields(star.StarConfig)], path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["aug_rng"])
+    if len(ckpt["rng"]) != env.world:
+        log.warning(f"{path} was written by {len(ckpt['rng'])} processes, now {env.world}: random streams differ")
+    rng = ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and env.device.type == "cuda":
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    log.info(f"resuming {path}: epoch {ckpt['epoch']}, batch {ckpt['data_order']['batch']}, step {ckpt['step']}")
+    return {k: ckpt[k] for k in ("epoch", "step", "losses", "history")} | {"batch": ckpt["data_order"]["batch"]}
+
+
+def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_scale, betas, layer_decay=1.0):
+    """Train model for epochs (AdamW, warm-up then cosine), evaluating, logging and checkpointing every epoch.
+
+    Returns the history: one dict per evaluation, the first before any training.
+    """
+    env.phase, cfg = name, model.cfg
+    classify = isinstance(model, star.StarClassifier)
+    path, B, N = os.path.join(args.out, f"{name}.pt"), args.batch_size, len(data.x)
+    unit = 1 if classify else cfg.images_per_seq
+    if B % (env.world * unit):
+        raise ValueError(f"--batch_size {B} must split into {env.world} equal shares of whole sequences of "
+                         f"{unit} image(s): use a multiple of {env.world * unit}")
+    if N < B:
+        raise ValueError(f"the training set has {N} images, fewer than --batch_size {B}")
+    steps = N // B  # the last incomplete batch of an epoch is dropped
+    lo, hi = env.rank * B // env.world, (env.rank + 1) * B // env.world  # this rank's share of every batch
+    lr, total, warm = lr * B / 256, epochs * steps, round(warmup_epochs * steps)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, layer_decay), lr=lr, betas=betas)
+    gen = torch.Generator(env.device).manual_seed(args.seed)  # crops and flips: one stream, the same on every rank
+    state = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
+    torch.manual_seed(args.seed + env.rank)  # drop-path masks
+    if args.resume and os.path.exists(path):
+        state = restore(path, model, optimizer, gen, env)
+    ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.ddp else model
+    if not state["history"]:
+        state["history"].append({"phase": name, "epoch": 0, "step": 0, **evaluate(model, data, args, env)})
+        log_line(state["history"][-1], args, env)
+        if not classify and env.master:
+            sample_grid(model, data, args, env, os.path.join(args.out, f"samples_{name}_e000.png"))
+    with StopFlag() as stop:
+        for epoch in range(state["epoch"], epochs):
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(env.device)
+            losses = torch.zeros(steps, device=env.device)  # read back every log_every steps, not every step
+            first, checked, t0 = state["batch"], state["batch"], time.time()
+            bar = tqdm(total=steps, initial=first, desc=f"{name} {epoch + 1}/{epochs}",
+                       disable=not (env.master and args.progress), dynamic_ncols=True)
+            for i in range(first, steps):
+                step = epoch * steps + i
+                lr_now = lr * (step + 1) / warm if step < warm else \
+                    lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now * group["lr_scale"]
+                idx = perm[i * B:(i + 1) * B][lo:hi]
+                x = augment(data.x[idx], random_crops(B, gen, min_scale)[lo:hi], data)  # (B/world, C, H, W)
+                with autocast(env):
+                    out = ddp_model(x)
+                loss = F.cross_entropy(out.float(), data.y[idx], label_smoothing=args.label_smoothing) \
+                    if classify else out
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses[i] = loss.detach()
+                bar.update()
+                log_point = (i + 1) % args.log_every == 0 or i + 1 == steps or (stop.set and not env.ddp)
+                if not log_point:
+                    continue
+                # read the losses back, check them, show them, and stop here if asked to (on all ranks at once)
+                seen = losses[checked:i + 1].clone()
+                if env.ddp:
+                    dist.all_reduce(seen, op=dist.ReduceOp.AVG)
+                seen = seen.tolist()
+                bad = [j for j, v in enumerate(seen) if not math.isfinite(v)]
+                if bad:
+                    at = epoch * steps + checked + bad[0]
+                    raise SystemExit(f"{name}: the loss became {seen[bad[0]]} at step {at} (epoch {epoch + 1}, "
+                                     f"batch {checked + bad[0] + 1}); stopped. "
+                                     + (f"{path} keeps the last good state (epoch {state['epoch']}): lower --lr, "
+                                        f"then --resume" if os.path.exists(path) else "No checkpoint was written yet."))
+                state["losses"] += seen
+                rate = (i + 1 - first) * B / (time.time() - t0)
+                bar.set_postfix(loss=f"{seen[-1]:.4f}", lr=f"{lr_now:.2e}", img_s=f"{rate:.0f}")
+                checked = i + 1
+                asked = torch.tensor(float(stop.set), device=env.device)
+                if env.ddp:
+                    dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+                stopping = asked.item() > 0
+                if stopping and i + 1 < steps:
+                    state.update(epoch=epoch, batch=i + 1, step=step + 1)
+                    save_checkpoint(path, model, optimizer, gen, state, data, args, env)
+                    bar.close()
+                    raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}, batch {i + 1} (step {step + 1}); "
+                                     f"continue with the same command and --resume")
+            bar.close()
+            rec = {"phase": name, "epoch": epoch + 1, "step": (epoch + 1) * steps,
+                   "loss": sum(state["losses"]) / len(state["losses"]), "lr": lr_now,
+                   "img_per_s": round((steps - first) * B / (time.time() - t0), 1)}
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
+                rec.update(evaluate(model, data, args, env))
+                if not classify and env.master:
+                    sample_grid(model, data, args, env, os.path.join(args.out, f"samples_{name}_e{epoch + 1:03d}.png"))
+            state["history"].append(rec)
+            log_line(rec, args, env)
+            state.update(epoch=epoch + 1, batch=0, step=(epoch + 1) * steps, losses=[])
+            save_checkpoint(path, model, optimizer, gen, state, data, args, env)
+            if stopping and epoch + 1 < epochs:
+                raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}; continue with --resume")
+    return state["history"]
+
+
+def log_line(rec, args, env):
+    if env.master:
+        log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+# -----------------------------------------------------------------------------
+# the phases and the report
+
+
+def pretrain(cfg, data, args, env):
+    torch.manual_seed(args.seed)
+    model = star.StarPretrain(cfg).to(env.device)
+    log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: K={cfg.images_per_seq} images per "
+             f"sequence, separator {cfg.separator}, {cfg.seq_len} tokens")
+    return train_phase("pretrain", model, data, args, env, args.pretrain_epochs, args.lr, args.warmup_epochs,
+                       args.min_scale, betas=(0.9, 0.95))
+
+
+def _summary(keys):
+    heads = {}
+    for k in keys:
+        heads[k.split(".")[0]] = heads.get(k.split(".")[0], 0) + 1
+    return ", ".join(f"{h} ({n})" for h, n in heads.items()) or "none"
+
+
+def finetune(name, cfg, data, args, env, init="", frozen=False):
+    """Finetune a classifier (frozen=True: train only its norm and head, a linear probe), from init or scratch."""
+    cfg = replace(cfg, drop_path=0.0 if frozen else args.ft_drop_path)
+    torch.manual_seed(args.seed)
+    model = star.StarClassifier(cfg).to(env.device)
+    if init and not (args.resume and os.path.exists(os.path.join(args.out, f"{name}.pt"))):
+        ckpt = load_checkpoint(init, "pretrain")
+        check_config(ckpt["config"], cfg, SHAPE_FIELDS, init)
+        missing, unexpected = model.load_pretrained(ckpt["model"])
+        log.info(f"{name}: weights from {init}; missing keys: {_summary(missing)}; "
+                 f"unexpected keys: {_summary(unexpected)}")
+    elif not init:
+        log.info(f"{name}: from scratch")
+    if frozen:
+        model.encoder.requires_grad_(False)
+    return train_phase(name, model, data, args, env, args.finetune_epochs, args.ft_lr, args.ft_warmup_epochs,
+                       args.ft_min_scale, betas=(0.9, 0.999), layer_decay=1.0 if frozen else args.layer_decay)
+
+
+def evaluate_checkpoint(data, args, env):
+    """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
+    if not args.init:
+        raise ValueError("--mode eval needs --init CHECKPOINT")
+    ckpt = load_checkpoint(args.init)
+    cfg = star.StarConfig(**ckpt["config"])
+    have = tuple(data.x.shape[1:])
+    if have != (cfg.in_chans, cfg.img_size, cfg.img_size) or cfg.num_classes < data.num_classes:
+        raise ValueError(f"{data.name} ({have[0]} x {have[1]} x {have[2]} images, {data.num_classes} classes) does not "
+                         f"fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x {cfg.img_size}, "
+                         f"{cfg.num_classes} classes); --img_size {cfg.img_size} resizes the images")
+    model = (star.StarPretrain if ckpt["phase"] == "pretrain" else star.StarClassifier)(cfg).to(env.device)
+    model.load_state_dict(ckpt["model"])
+    data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
+    result = {"phase": "eval", "checkpoint": args.init, **evaluate(model, data, args, env)}
+    if ckpt["phase"] == "pretrain" and env.master:
+        sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
+    log_line(result, args, env)
+    return result
+
+
+def run(args, env):
+    phases = {"all": ["pretrain", "finetune"] + ["scratch"] * args.compare_scratch, "pretrain": ["pretrain"],
+              "finetune": ["finetune"], "probe": ["probe"], "eval": []}[args.mode]
+    os.makedirs(args.out, exist_ok=True)
+    taken = [p for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
+    if taken and not args.resume:
+        raise SystemExit(f"{args.out} already holds {', '.join(p + '.pt' for p in taken)}: pass --resume to continue "
+                         f"that run, or --out to start another")
+    t0 = time.time()
+    data = load_data(args, env)
+    if args.mode == "eval":
+        return evaluate_checkpoint(data, args, env)
+    cfg = model_config(args, data)
+    h = {}
+    if "pretrain" in phases:
+        h["pretrain"] = pretrain(cfg, data, args, env)
+    if "finetune" in phases:
+        h["finetune"] = finetune("finetune", cfg, data, args, env, os.path.join(args.out, "pretrain.pt")
+                                 if args.mode == "all" else args.init)
+    if "scratch" in phases:
+        h["scratch"] = finetune("scratch", cfg, data, args, env)
+    if "probe" in phases:
+        init = args.init or os.path.join(args.out, "pretrain.pt")
+        h["probe"] = finetune("probe", cfg, data, args, env, init, frozen=True)
+    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test), "preset": args.preset,
+               "K": cfg.images_per_seq, "separator": cfg.separator, "minutes": round((time.time() - t0) / 60, 2)}
+    if "pretrain" in h:
+        summary |= {"ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
+    for p in ("finetune", "scratch", "probe"):
+        if p in h:
+            summary[f"{p}_acc"] = h[p][-1]["test_acc"]
+    if env.master:
+        report(summary, cfg, args)
+        log_line({"summary": summary}, args, env)
+    return summary
+
+
+def report(s, cfg, args):
+    lines = [f"\nSTAR on {s['data']} ({s['train']} train / {s['test']} test images, {cfg.in_chans}x{cfg.img_size}"
+             f"x{cfg.img_size}), preset {s['preset']}: K={s['K']}, separator {s['separator']}"]
+    if "ar_loss_before" in s:
+        lines.append(f"  AR loss (test)      {s['ar_loss_before']:.4f} before, {s['ar_loss_after']:.4f} after "
+                     f"{args.pretrain_epochs} epochs of pretraining")
+    names = {"finetune": "finetuned", "scratch": "from scratch", "probe": "linear probe"}
+    for p, what in names.items():
+        if f"{p}_acc" in s:
+            lines.append(f"  test accuracy       {100 * s[p + '_acc']:.1f}%  {what} ({args.finetune_epochs} epochs)")
+    lines.append(f"  {s['minutes']} minutes; run folder {args.out}")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = setup(args)
+    try:
+        return run(args, env)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory in {env.phase or 'setup'} at --batch_size {args.batch_size} "
+                         f"({args.batch_size // env.world} images per GPU): lower --batch_size (say to "
+                         f"{args.batch_size // 2}); the checkpoints in {args.out} are kept, so --resume goes on") from None
+    finally:
+        if env.ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
