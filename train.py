@@ -59,15 +59,15 @@ class Args:
     resume: bool = False          # continue the checkpoints in --out where they stopped
     seed: int = 0
     # pretraining, ARM's recipe (short runs want a higher lr than ARM's 1.5e-4 over 1600 epochs)
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 16
     batch_size: int = 64          # global batch of both phases, in images, split evenly over the GPUs
     lr: float = 2e-3              # at batch 256; the lr used is lr * batch_size / 256
     warmup_epochs: float = 1.0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
     weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
     # finetuning (and probing), single images, four-way scans
-    finetune_epochs: int = 8
-    ft_lr: float = 2e-3           # at batch 256
+    finetune_epochs: int = 10
+    ft_lr: float = 5e-3           # at batch 256
     ft_warmup_epochs: float = 1.0
     ft_min_scale: float = 0.35
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
@@ -75,7 +75,7 @@ class Args:
     layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
-    eval_every: int = 1           # epochs between test evaluations (and sample grids); the last epoch always
+    eval_every: int = 4           # epochs between test evaluations (and sample grids); the last epoch always
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
@@ -601,7 +601,7 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
                 seen = seen.tolist()
                 bad = [j for j, v in enumerate(seen) if not math.isfinite(v)]
                 if bad:
-                    at = epoch * steps + checked + bad[0]
+                    at = epoch * steps + checked + bad[0] + 1  # counting steps from 1
                     raise SystemExit(f"{name}: the loss became {seen[bad[0]]} at step {at} (epoch {epoch + 1}, "
                                      f"batch {checked + bad[0] + 1}); stopped. "
                                      + (f"{path} keeps the last good state (epoch {state['epoch']}): lower --lr, "

@@ -1,0 +1,263 @@
+"""train.py end to end on the CPU, at sizes that keep the whole file fast.
+
+Each test runs train.py's own functions (train.main with a small command line) and checks what a user would see:
+the report, checkpoints, log lines and sample grids; exact resumption; the data loaders; the error messages.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import star  # noqa: E402
+import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false", "--log_every", "2"]
+CPU = SimpleNamespace(device=torch.device("cpu"), master=True, ddp=False, rank=0, world=1)
+
+
+def run(out, *argv):
+    return train.main(["--out", str(out), *SMALL, *argv])
+
+
+def records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default job (pretrain, finetune from it, finetune from scratch) at a reduced size."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    summary = run(out, "--pretrain_epochs", "2", "--finetune_epochs", "1", "--eval_every", "1")
+    return out, summary
+
+
+def test_default_run_end_to_end(default_run, capsys):
+    out, summary = default_run
+    assert summary["ar_loss_after"] < summary["ar_loss_before"]  # pretraining learns something
+    assert 0 <= summary["finetune_acc"] <= 1 and 0 <= summary["scratch_acc"] <= 1
+    for name in ("pretrain.pt", "finetune.pt", "scratch.pt", "samples_pretrain_e000.png", "samples_pretrain_e002.png"):
+        assert os.path.isfile(out / name), name
+    ckpt = torch.load(out / "pretrain.pt", weights_only=False)
+    for key in ("model", "optimizer", "config", "epoch", "step", "rng", "aug_rng", "data_order"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 // 16)
+    assert set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}
+    # the grid: three rows (originals, predictions, completions) of num_samples images, 2 px padding
+    w, h = Image.open(out / "samples_pretrain_e002.png").size
+    assert (w, h) == (8 * 34 + 2, 3 * 34 + 2)
+    lines = records(out)
+    assert [r["epoch"] for r in lines if r.get("phase") == "pretrain"] == [0, 1, 2]
+    assert all("img_per_s" in r for r in lines if r.get("epoch"))
+    assert lines[-1]["summary"]["finetune_acc"] == summary["finetune_acc"]
+
+
+def test_report_printed(tmp_path, capsys):
+    run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false")
+    text = capsys.readouterr().out
+    assert "AR loss (test)" in text and "test accuracy" in text and "finetuned" in text
+
+
+def test_completion_keeps_upper_half_and_fills_lower_half():
+    cfg = star.make_config("tiny", patch=4)  # 8x8 patches, 4x4 clusters of 2x2
+    model = star.StarPretrain(cfg).eval()
+    imgs = torch.randn(4, 3, 32, 32)
+    done = train.complete_lower_half(model, imgs)
+    assert torch.equal(done[..., :16, :], imgs[..., :16, :])
+    assert not torch.allclose(done[..., 16:, :], imgs[..., 16:, :])
+    # causal: the completion of the lower half does not depend on the (hidden) true lower half
+    other = imgs.clone()
+    other[..., 16:, :] = torch.randn_like(other[..., 16:, :])
+    assert torch.allclose(train.complete_lower_half(model, other), done, atol=1e-5)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    argv = ["--mode", "pretrain", "--pretrain_epochs", "2", "--drop_path", "0.2"]  # drop path: RNG state matters
+    run(tmp_path / "a", *argv)
+    calls = {"n": 0}
+    crops = train.random_crops
+
+    def interrupt_at_step_9(*a, **k):  # 6 steps per epoch: Ctrl-C during epoch 2, batch 3
+        calls["n"] += 1
+        if calls["n"] == 9:
+            signal.raise_signal(signal.SIGINT)
+        return crops(*a, **k)
+
+    monkeypatch.setattr(train, "random_crops", interrupt_at_step_9)
+    with pytest.raises(SystemExit, match="interrupted"):
+        run(tmp_path / "b", *argv)
+    ckpt = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["data_order"]["batch"], ckpt["step"]) == (1, 3, 9)
+    monkeypatch.setattr(train, "random_crops", crops)
+    run(tmp_path / "b", *argv, "--resume")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rs if "phase" in r]
+    assert strip(records(tmp_path / "a")) == strip(records(tmp_path / "b"))  # exact losses
+    a = torch.load(tmp_path / "a" / "pretrain.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def write_npz(path, x, y):
+    np.savez(path, x=x, y=y)
+
+
+def test_npz_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    ys = [rng.integers(0, 5, 10) for _ in range(3)]
+    for i in range(2):
+        write_npz(tmp_path / f"train_{i}.npz", xs[i], ys[i])
+    write_npz(tmp_path / "test.npz", xs[2], ys[2])
+    args = train.parse_args(["--data", f"npz:{tmp_path}/train_*.npz", "--test_data", f"npz:{tmp_path}/test.npz"])
+    data = train.load_data(args, CPU)
+    x = np.concatenate(xs[:2])
+    assert torch.equal(data.x, torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert torch.equal(data.y, torch.from_numpy(np.concatenate(ys[:2])))
+    assert data.x_test.shape == (10, 3, 16, 16)
+    assert torch.allclose(data.mean.flatten(), torch.tensor(x.reshape(-1, 3).mean(0) / 255, dtype=torch.float32))
+    assert torch.allclose(data.std.flatten(), torch.tensor(x.reshape(-1, 3).std(0) / 255, dtype=torch.float32))
+    # no test split: 10% held out, the same every time
+    args = train.parse_args(["--data", f"npz:{tmp_path}/train_*.npz"])
+    one, two = train.load_data(args, CPU), train.load_data(args, CPU)
+    assert (len(one.x), len(one.x_test)) == (18, 2) and torch.equal(one.x_test, two.x_test)
+    with pytest.raises(ValueError, match="matches no files"):
+        train.load_data(train.parse_args(["--data", f"npz:{tmp_path}/nothing_*.npz"]), CPU)
+
+
+def write_folder(root, classes, n, size, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    pixels = {}
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            a = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(a, mode).save(root / c / f"{i}.png")
+            pixels[(c, i)] = a
+    return pixels
+
+
+def test_folder_loader(tmp_path):
+    px = write_folder(tmp_path / "train", ["cat", "dog"], 3, 16)
+    write_folder(tmp_path / "val", ["cat", "dog"], 2, 16, seed=1)
+    data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}"]), CPU)
+    assert data.x.shape == (6, 3, 16, 16) and data.x_test.shape == (4, 3, 16, 16) and data.num_classes == 2
+    assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(data.x[4], torch.from_numpy(px[("dog", 1)]).permute(2, 0, 1))
+    # one folder, grayscale: split 90/10 deterministically, one channel
+    write_folder(tmp_path / "gray", ["a", "b"], 5, 12, mode="L")
+    data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}/gray"]), CPU)
+    assert (data.x.shape, data.x_test.shape) == ((9, 1, 12, 12), (1, 1, 12, 12))
+    # images of different sizes need --img_size
+    write_folder(tmp_path / "mixed", ["a"], 1, 12)
+    write_folder(tmp_path / "mixed", ["b"], 1, 20)
+    with pytest.raises(ValueError, match="--img_size"):
+        train.load_data(train.parse_args(["--data", f"folder:{tmp_path}/mixed", "--test_data",
+                                          f"folder:{tmp_path}/mixed"]), CPU)
+    data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}/mixed", "--test_data",
+                                             f"folder:{tmp_path}/mixed", "--img_size", "8"]), CPU)
+    assert data.x.shape == (2, 3, 8, 8)
+
+
+def test_grayscale_24px_trains(tmp_path):
+    x, y = train.synthetic_shapes(64, 24, seed=3)
+    write_npz(tmp_path / "gray.npz", x.float().mean(1).round().to(torch.uint8).numpy(), y.numpy())
+    out = tmp_path / "run"
+    summary = train.main(["--out", str(out), "--data", f"npz:{tmp_path}/gray.npz", "--patch", "4", "--batch_size",
+                          "16", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false",
+                          "--progress", "false"])
+    assert np.isfinite(summary["ar_loss_after"]) and "finetune_acc" in summary
+    cfg = torch.load(out / "finetune.pt", weights_only=False)["config"]
+    assert (cfg["in_chans"], cfg["img_size"], cfg["num_classes"]) == (1, 24, 10)
+    assert os.path.isfile(out / "samples_pretrain_e001.png")
+
+
+def test_unknown_dataset_lists_choices(tmp_path):
+    with pytest.raises(ValueError, match="choose one of synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"):
+        run(tmp_path / "r", "--data", "imagenet")
+
+
+def test_image_size_not_divisible_by_patch(tmp_path):
+    write_npz(tmp_path / "d.npz", np.zeros((40, 20, 20, 3), np.uint8), np.zeros(40, np.int64))
+    with pytest.raises(ValueError, match=r"20x20 px.*--img_size"):
+        run(tmp_path / "r", "--data", f"npz:{tmp_path}/d.npz")
+
+
+def test_cifar_offline_says_how_to_use_local_data(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no internet")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit, match="npz:.*folder:"):
+        run(tmp_path / "r", "--data", "cifar10", "--data_dir", str(tmp_path / "data"))
+
+
+def test_mismatched_checkpoint_config(default_run, tmp_path):
+    out, _ = default_run
+    with pytest.raises(ValueError, match="width=32 there, 64 here"):
+        run(tmp_path / "ft", "--mode", "finetune", "--init", str(out / "pretrain.pt"), "--width", "64")
+    with pytest.raises(ValueError, match="needs a pretrain one"):
+        run(tmp_path / "ft2", "--mode", "finetune", "--init", str(out / "finetune.pt"))
+    # resuming with another config names the field
+    run(tmp_path / "p", "--mode", "pretrain", "--pretrain_epochs", "1")
+    with pytest.raises(ValueError, match="images_per_seq=2 there, 4 here"):
+        run(tmp_path / "p", "--mode", "pretrain", "--pretrain_epochs", "2", "--resume", "--images_per_seq", "4")
+
+
+def test_existing_run_is_not_overwritten(default_run):
+    out, _ = default_run
+    before = os.path.getmtime(out / "pretrain.pt")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(out)
+    assert os.path.getmtime(out / "pretrain.pt") == before
+
+
+def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path):
+    out, summary = default_run
+    result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "finetune.pt"))
+    assert result["test_acc"] == summary["finetune_acc"]  # same test images, same normalisation
+    write_npz(tmp_path / "g.npz", np.zeros((40, 24, 24), np.uint8), np.zeros(40, np.int64))
+    with pytest.raises(ValueError, match="does not fit"):
+        run(tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"), "--data", f"npz:{tmp_path}/g.npz")
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    loss, calls = star.next_cluster_loss, {"n": 0}
+
+    def nan_from_step_8(*a):
+        calls["n"] += 1
+        return loss(*a) * (float("nan") if calls["n"] >= 8 else 1.0)
+    run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "1")
+    monkeypatch.setattr(star, "next_cluster_loss", nan_from_step_8)  # after the first eval and epoch
+    # resumed at step 6: epoch 2 is steps 7-12 (calls 1-6), then step 14 (call 8) is the first bad one
+    with pytest.raises(SystemExit, match=r"loss became nan at step 14 \(epoch 3, batch 2\).*epoch 2"):
+        run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "3", "--resume")
+    ckpt = torch.load(tmp_path / "r" / "pretrain.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_two_processes_match_one(tmp_path):
+    """DDP (gloo on CPUs): 2 processes at the same global batch give the loss curve of 1."""
+    common = [*SMALL, "--mode", "pretrain", "--pretrain_epochs", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "one"), *common], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "train.py", "--out", str(tmp_path / "two"), *common], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    for a, b in zip(one[:2], two[:2]):
+        for key in ("loss", "test_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5 * abs(a[key]), (key, a[key], b[key])
