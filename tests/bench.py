@@ -1,0 +1,141 @@
+"""
+Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes tiny,B,long] [--dtypes f32,bf16]
+Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak memory above the
+inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and (if installed) mamba_ssm's kernel.
+Inputs as in a Mamba layer: softplus with delta_bias, D, z, B and C (b, n, l).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import star  # noqa: E402
+
+try:
+    from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda  # noqa: F401
+except ImportError:  # until the glue in .scratch/cuda_glue.py is merged into star.py
+    sys.path.insert(0, os.path.join(ROOT, ".scratch"))
+    from glue_module import _cuda_kernel, selective_scan_cuda
+
+SHAPES = {"tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580), "long": (4, 768, 16, 8192)}  # (b, d, n, l)
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(b, d, n, l, dtype):
+    dev = "cuda"
+    return dict(u=torch.randn(b, d, l, device=dev, dtype=dtype),
+                delta=(0.5 * torch.rand(b, d, l, device=dev) - 4.0).to(dtype),  # softplus(delta + bias) ~ 0.001-0.1
+                A=-torch.rand(d, n, device=dev) * n, B=torch.randn(b, n, l, device=dev, dtype=dtype),
+                C=torch.randn(b, n, l, device=dev, dtype=dtype), D=torch.randn(d, device=dev),
+                z=torch.randn(b, d, l, device=dev, dtype=dtype), delta_bias=torch.rand(d, device=dev))
+
+
+def time_ms(fn, warmup, reps):
+    """median milliseconds of fn() over reps runs, timed with CUDA events"""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench(scan, x, warmup, reps):
+    """(forward ms, forward+backward ms, peak MiB above the inputs) of scan on inputs x"""
+    names = list(x)
+    leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+    dout = torch.randn_like(x["u"])
+
+    def fwd():
+        with torch.no_grad():
+            scan(**x, delta_softplus=True)
+
+    def fwd_bwd():
+        out = scan(**leaves, delta_softplus=True)
+        torch.autograd.grad(out, [leaves[k] for k in names], dout)
+
+    f = time_ms(fwd, warmup, reps)
+    fb = time_ms(fwd_bwd, warmup, reps)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return f, fb, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--shapes", default="tiny,B,long")
+    parser.add_argument("--dtypes", default="f32,bf16")
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
+    t = time.time()
+    ext, why = _cuda_kernel()
+    build_s = time.time() - t
+    impls = {}
+    if ext is not None:
+        impls["cuda (ours)"] = selective_scan_cuda
+    else:
+        print(f"the CUDA scan is unavailable: {why}")
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        impls["mamba_ssm"] = selective_scan_fn
+    except ImportError:
+        pass
+    impls["torch (star fallback)"] = star.selective_scan_torch
+    impls["ref (sequential)"] = star.selective_scan_ref
+
+    lines = [f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}",
+             f"extension build/load: {build_s:.1f} s (a cached build only loads)", "",
+             "| shape (b, d, n, l) | dtype | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd speed-up vs ref | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for shape_name in args.shapes.split(","):
+        b, d, n, l = SHAPES[shape_name]
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            x = make_inputs(b, d, n, l, dtype)
+            size = dtype.itemsize
+            min_bytes = 4 * b * d * l * size + 2 * b * n * l * size  # read u, delta, z, B, C; write out
+            results = {}
+            for name, scan in impls.items():
+                slow = name.startswith(("torch", "ref"))
+                if name.startswith("ref") and shape_name == "long":
+                    continue  # minutes per run
+                try:
+                    results[name] = bench(scan, x, 1 if slow else 5, 3 if slow else args.reps)
+                except torch.cuda.OutOfMemoryError:
+                    results[name] = None
+                torch.cuda.empty_cache()
+            ref = results.get("ref (sequential)")
+            for name, r in results.items():
+                if r is None:
+                    line = f"| {shape_name} ({b}, {d}, {n}, {l}) | {dtype_name} | {name} | out of memory | | | | |"
+                else:
+                    f, fb, mib = r
+                    speedup = f"{ref[1] / fb:.0f}x" if ref else "n/a"
+                    line = (f"| {shape_name} ({b}, {d}, {n}, {l}) | {dtype_name} | {name} | {f:.3f} | {fb:.3f} | "
+                            f"{min_bytes / f / 1e6:.0f} | {speedup} | {mib:.0f} |")
+                lines.append(line)
+                print(line, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""
+Tests of the CUDA selective scan (scan_cuda.cu) against selective_scan_ref.
+The GPU tests skip without a GPU; test_builds compiles the kernels wherever nvcc is found, GPU or not.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from star import selective_scan_ref
+try:
+    from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda
+except ImportError:  # until the glue in .scratch/cuda_glue.py is merged into star.py
+    sys.path.insert(0, os.path.join(ROOT, ".scratch"))
+    try:
+        from glue_module import _cuda_kernel, _find_cuda_home, selective_scan_cuda
+    except ImportError:
+        pytest.skip("star.py has no CUDA scan glue yet", allow_module_level=True)
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+TOL = {F32: dict(rtol=6e-4, atol=2e-3), BF16: dict(rtol=3e-2, atol=5e-2), F16: dict(rtol=3e-3, atol=5e-3)}
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_builds(monkeypatch):
+    """scan_cuda.cu compiles (for sm_90 when there is no GPU), so a compile error cannot land"""
+    if _find_cuda_home() is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("no CUDA toolkit (nvcc)")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    ext, why = _cuda_kernel()
+    assert ext is not None, why
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext, why = _cuda_kernel()
+    if ext is None:
+        pytest.fail(f"scan_cuda did not build: {why}")
+    return ext
+
+
+def make_inputs(b, d, l, n, groups=None, dtype=F32, bc_dtype=None, D=True, z=True, bias=True,
+                delta_max=0.5, A_min=-0.5):
+    """random inputs like a Mamba layer's; B, C are (b, n, l), or (b, groups, n, l) when groups is set"""
+    dev, bc_dtype = "cuda", bc_dtype or dtype
+    bc_shape = (b, n, l) if groups is None else (b, groups, n, l)
+    x = dict(u=torch.randn(b, d, l, device=dev).to(dtype),
+             delta=(delta_max * torch.rand(b, d, l, device=dev)).to(dtype),
+             A=A_min * torch.rand(d, n, device=dev),
+             B=torch.randn(bc_shape, device=dev).to(bc_dtype),
+             C=torch.randn(bc_shape, device=dev).to(bc_dtype),
+             D=torch.randn(d, device=dev) if D else None,
+             z=torch.randn(b, d, l, device=dev).to(dtype) if z else None,
+             delta_bias=0.5 * torch.rand(d, device=dev) if bias else None)
+    return {k: v for k, v in x.items() if v is not None}
+
+
+def compare(x, delta_softplus=True, return_last_state=True, dtype=F32):
+    """run the kernel and the float32 reference on the same values; compare outputs and all gradients"""
+    mine = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref = {k: v.float().requires_grad_() for k, v in x.items()}
+    out = selective_scan_cuda(**mine, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    out_ref = selective_scan_ref(**ref, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    if return_last_state:
+        (out, last), (out_ref, last_ref) = out, out_ref
+        assert last.dtype == F32 and last.shape == last_ref.shape
+        torch.testing.assert_close(last, last_ref, **TOL[dtype], msg=lambda m: f"last_state: {m}")
+    assert out.dtype == x["u"].dtype and out.shape == out_ref.shape
+    torch.testing.assert_close(out.float(), out_ref, **TOL[dtype], msg=lambda m: f"out: {m}")
+    dout = torch.randn_like(out_ref).to(dtype)
+    loss, loss_ref = (out * dout).sum(), (out_ref * dout.float()).sum()
+    if return_last_state:
+        dlast = torch.randn_like(last_ref)
+        loss, loss_ref = loss + (last * dlast).sum(), loss_ref + (last_ref * dlast).sum()
+    loss.backward()
+    loss_ref.backward()
+    for k in x:
+        g, g_ref = mine[k].grad, ref[k].grad
+        assert g is not None and g.dtype == x[k].dtype and g.shape == x[k].shape, k
+        assert torch.isfinite(g).all(), f"grad of {k} is not finite"
+        torch.testing.assert_close(g.float(), g_ref, **TOL[dtype], msg=lambda m: f"grad of {k}: {m}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize("l", [1, 5, 197, 260, 2049, 5000])
+def test_lengths(ext, l, dtype):
+    torch.manual_seed(l)
+    b, d = (2, 24) if l < 2000 else (1, 20)  # d = 24: the second block of 16 channels is half empty
+    compare(make_inputs(b, d, l, 16, dtype=dtype), dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 7, 16, 32, 33, 64])
+@pytest.mark.parametrize("groups", [None, 1, 2])
+def test_state_sizes_and_groups(ext, n, groups):
+    torch.manual_seed(n)
+    compare(make_inputs(2, 40, 197, n, groups=groups))  # 20 channels per group
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize("D,z,bias,softplus,last", [
+    (False, False, False, False, False), (True, False, True, False, True), (False, True, False, True, False),
+    (True, True, False, True, True), (False, False, True, True, True)])
+def test_options(ext, dtype, D, z, bias, softplus, last):
+    torch.manual_seed(0)
+    x = make_inputs(3, 32, 260, 16, dtype=dtype, D=D, z=z, bias=bias)
+    compare(x, delta_softplus=softplus, return_last_state=last, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_float32_B_C(ext, dtype):
+    """B and C may stay float32 while u is half precision; their gradients come back in float32"""
+    torch.manual_seed(1)
+    compare(make_inputs(2, 32, 130, 16, groups=2, dtype=dtype, bc_dtype=F32), dtype=dtype)
+
+
+@gpu
+def test_fast_decay_is_finite(ext):
+    """delta up to 10 and A down to -16: exp(delta A) underflows to 0, nothing may become NaN or inf"""
+    torch.manual_seed(2)
+    compare(make_inputs(2, 16, 300, 16, delta_max=10.0, A_min=-16.0), delta_softplus=False)
+    x = make_inputs(2, 16, 300, 16)
+    x["delta_bias"] = x["delta_bias"] + 25.0  # softplus above its threshold of 20
+    compare(x)
+
+
+@gpu
+def test_causal(ext):
+    """changing the future changes nothing before it"""
+    torch.manual_seed(3)
+    x = make_inputs(2, 32, 300, 16)
+    out = selective_scan_cuda(**x, delta_softplus=True)
+    for k in ("u", "delta", "z", "B", "C"):
+        y = dict(x)
+        y[k] = x[k].clone()
+        y[k][..., 150:] += 1.0
+        out2 = selective_scan_cuda(**y, delta_softplus=True)
+        assert torch.equal(out[..., :150], out2[..., :150]), k
+        assert not torch.equal(out[..., 150:], out2[..., 150:]), k
+
+
+@gpu
+def test_non_contiguous(ext):
+    torch.manual_seed(4)
+    x = make_inputs(2, 32, 100, 16)
+    x["u"] = x["u"].transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    x["B"] = torch.randn(2, 100, 16, device="cuda").transpose(1, 2)
+    compare(x)
+
+
+@gpu
+def test_bad_inputs(ext):
+    """through selective_scan_cuda: star's shape checks, then the kernel's dtype check"""
+    x = make_inputs(2, 32, 50, 16)
+    n65 = dict(A=torch.zeros(32, 65, device="cuda"), B=torch.randn(2, 65, 50, device="cuda"),
+               C=torch.randn(2, 65, 50, device="cuda"))
+    bad = [(dict(u=x["u"].cpu()), "device"),
+           (dict(u=x["u"].double(), delta=x["delta"].double()), "float32, bfloat16 or float16"),
+           (dict(z=x["z"][:, :, :40]), "z must"),
+           (dict(B=x["B"][:, :, :40]), "B must be"),
+           (n65, "n = 65"),
+           (dict(B=x["B"].view(2, 1, 16, 50).expand(2, 3, 16, 50), C=x["C"].view(2, 1, 16, 50).expand(2, 3, 16, 50)),
+            "divisible|multiple"),
+           (dict(D=torch.zeros(31, device="cuda")), "D must be")]
+    for change, message in bad:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            selective_scan_cuda(**{**x, **change}, delta_softplus=True)
+
+
+KERNEL_CHECKS = """
+import sys
+sys.path[:0] = [ROOT, ROOT + "/.scratch"]
+import torch
+try:
+    from star import _cuda_kernel, _find_cuda_home
+except ImportError:
+    from glue_module import _cuda_kernel
+ext = _cuda_kernel()[0]
+b, d, l, n = 2, 32, 50, 16
+u, A, B = torch.randn(b, d, l, device="cuda"), -torch.rand(d, n, device="cuda"), torch.randn(b, 1, n, l, device="cuda")
+fwd = lambda **kw: ext.fwd(**{**dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None,
+                                     delta_softplus=True, save_all=True), **kw})
+out, ckpt = fwd()
+cases = dict(cpu=lambda: fwd(u=u.cpu()), double=lambda: fwd(u=u.double(), delta=u.double()),
+             delta=lambda: fwd(delta=u.half()), z=lambda: fwd(z=u[..., :40].contiguous()),
+             strided=lambda: fwd(u=u.transpose(0, 1).contiguous().transpose(0, 1)),
+             Bshape=lambda: fwd(B=B[..., :40].contiguous()), n65=lambda: fwd(A=torch.zeros(d, 65, device="cuda")),
+             groups=lambda: fwd(B=B.expand(b, 3, n, l).contiguous(), C=B.expand(b, 3, n, l).contiguous()),
+             D=lambda: fwd(D=torch.zeros(31, device="cuda")), empty=lambda: fwd(u=u[..., :0], delta=u[..., :0]),
+             ckpt=lambda: ext.bwd(u, u, A, B, B, None, None, None, True, out, ckpt[:, :, :0], None))
+for name, f in cases.items():
+    try:
+        f()
+        print(name, "NO ERROR", flush=True)
+    except RuntimeError as e:
+        print(name, "->", str(e).splitlines()[0], flush=True)
+"""
+
+
+@gpu
+def test_kernel_checks(ext):
+    """the kernel's own TORCH_CHECKs give a readable RuntimeError, never a crash (run apart, so a crash fails here)"""
+    r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + KERNEL_CHECKS], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"crashed with exit code {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
+    expected = dict(cpu="CUDA", double="float32, bfloat16 or float16", delta="delta must be", z="z must be",
+                    strided="contiguous", Bshape="B must be", n65="n = 65", groups="multiple of the number of groups",
+                    D="D must be", empty="empty", ckpt="checkpoints of fwd")
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    for name, message in expected.items():
+        assert message in lines.get(name, ""), f"{name}: {lines.get(name)}"
+
+
+@gpu
+def test_torch_compile(ext):
+    """torch.compile traces through _CudaScan: the kernels run as opaque custom ops"""
+    torch.manual_seed(5)
+    x = make_inputs(2, 32, 100, 16)
+    f = torch.compile(lambda **kw: selective_scan_cuda(**kw, delta_softplus=True), fullgraph=True)
+    mine = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref = {k: v.clone().requires_grad_() for k, v in x.items()}
+    f(**mine).square().sum().backward()
+    selective_scan_cuda(**ref, delta_softplus=True).square().sum().backward()
+    for k in x:
+        torch.testing.assert_close(mine[k].grad, ref[k].grad, **TOL[F32])
