@@ -21,11 +21,15 @@ The file reads bottom-up: the selective scan (reference, fast PyTorch fallback, 
 the MambaMLP block, the Vision Mamba encoder, separator packing, the next-cluster objective, the pretraining
 model, the finetuning classifier, and the presets.
 """
+import glob
 import logging
 import math
 import os
+import re
+import shutil
 import warnings
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -35,8 +39,6 @@ log = logging.getLogger("star")
 
 # -----------------------------------------------------------------------------
 # Selective scan: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,  y_t = C_t h_t + D u_t,  out = y * silu(z)
-
-
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
     """Raise ValueError naming what was expected when the scan's inputs do not fit together."""
     if u.dim() != 3:
@@ -201,25 +203,164 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, h_last) if return_last_state else out
 
 
-def _cuda_kernel():  # TEMP until the kernel glue is merged
-    return None, "the CUDA kernel is not merged yet"
+# the CUDA selective scan (scan_cuda.cu): build it once, wrap it for autograd
+
+_SCAN_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cuda.cu")
+_scan_ext, _scan_why = None, None  # the built module, or why there is none
 
 
-def selective_scan_cuda(*args):  # TEMP
-    raise RuntimeError("not merged yet")
+def _find_cuda_home():
+    """a CUDA toolkit folder with bin/nvcc and lib64/libcudart.so, or None"""
+    def is_toolkit(p):
+        return p and os.path.isfile(os.path.join(p, "bin", "nvcc")) and any(
+            os.path.exists(os.path.join(p, lib, "libcudart.so")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib"))
+    found = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        nvcc = os.path.realpath(nvcc)
+        found.append(os.path.dirname(os.path.dirname(nvcc)))
+        try:  # nvcc on PATH may be a wrapper script that execs the real one: read the path it names
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                found += [m.decode() for m in re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head)]
+        except OSError:
+            pass
+    found += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((p for p in found if is_toolkit(p)), None)
+
+
+def _cuda_kernel():
+    """build (first time, ~30-60 s) and load scan_cuda.cu for this GPU; returns (module, None) or (None, reason)"""
+    global _scan_ext, _scan_why
+    if _scan_ext is not None or _scan_why is not None:
+        return _scan_ext, _scan_why
+    try:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")  # set it to build without a GPU (e.g. "9.0")
+        if not arch:
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA GPU")
+            arch = "%d.%d" % torch.cuda.get_device_capability()
+        if not os.environ.get("CUDA_HOME"):
+            # torch guesses the toolkit from the nvcc on PATH, which may be a wrapper in /usr/local/bin
+            home = _find_cuda_home()
+            if home is None:
+                raise RuntimeError("no CUDA toolkit (bin/nvcc and lib64/libcudart.so) found; set CUDA_HOME")
+            log.info(f"CUDA_HOME is unset; building the CUDA scan with the toolkit in {home}")
+            os.environ["CUDA_HOME"] = home
+        import torch.utils.cpp_extension as cpp_extension
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch read CUDA_HOME when it was imported
+        old_arch, os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST"), arch
+        try:  # one build per GPU architecture, cached in torch's extension folder
+            _scan_ext = cpp_extension.load(name="star_scan_sm" + re.sub(r"\W", "", arch.replace("+PTX", "")),
+                                           sources=[_SCAN_CU], extra_cuda_cflags=["-O3"], verbose=False)
+        finally:
+            if old_arch is None:
+                del os.environ["TORCH_CUDA_ARCH_LIST"]
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    except Exception as e:  # any failure: star.py falls back to the PyTorch scan
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        _scan_why = f"{type(e).__name__}: {lines[0][:200]}"
+    return _scan_ext, _scan_why
+
+# the kernels as torch.library ops, so that torch.compile sees through _CudaScan (the ops stay opaque)
+@torch.library.custom_op("star::scan_fwd", mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              delta_softplus: bool, save_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, ckpt = _cuda_kernel()[0].fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all)
+    return out, ckpt  # (b, d, l), (b, d, ceil(l / 64) or 1, n) states after each 64-step tile
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all):
+    b, d, l = u.shape
+    return torch.empty_like(u), u.new_empty((b, d, -(-l // 64) if save_all else 1, A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("star::scan_bwd", mutates_args=())
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              delta_softplus: bool, dout: torch.Tensor, ckpt: torch.Tensor,
+              dlast: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    # du, ddelta, dA, dB, dC, dD, dz (empty without z), ddelta_bias; dB, dC are (b, g, n, l rounded up to 64)
+    return _cuda_kernel()[0].bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast)
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast):
+    f32 = dict(dtype=torch.float32)
+    dB = B.new_empty((*B.shape[:3], ckpt.shape[2] * 64), **f32)
+    return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), dB, torch.empty_like(dB),
+            u.new_empty(u.shape[1], **f32), torch.empty_like(u) if z is not None else u.new_empty(0),
+            u.new_empty(u.shape[1], **f32)]
+
+
+class _CudaScan(torch.autograd.Function):
+    """selective_scan_ref's function on the fused kernels; the backward recomputes the states"""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        ctx.B_meta, ctx.C_meta = (B.shape, B.dtype), (C.shape, C.dtype)
+        # the kernels take float32 parameters and grouped (b, g, n, l) B and C: all small
+        f32 = lambda t: None if t is None else t.float().contiguous()
+        A, D, delta_bias = f32(A), f32(D), f32(delta_bias)
+        B, C = (f32(t.unsqueeze(1) if t.dim() == 3 else t) for t in (B, C))  # (b, g, n, l)
+        u, delta = u.contiguous(), delta.contiguous()  # (b, d, l)
+        z = None if z is None else z.contiguous()  # (b, d, l)
+        save_all = any(ctx.needs_input_grad[:8])
+        out, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all)
+        if save_all:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+            ctx.delta_softplus = delta_softplus
+        return (out, ckpt[:, :, -1].clone()) if return_last_state else out  # last state: (b, d, n)
+
+    @staticmethod
+    def backward(ctx, dout, dlast=None):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        dout = dout.to(u.dtype).contiguous()  # (b, d, l)
+        dlast = None if dlast is None else dlast.float().contiguous()  # (b, d, n)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout, ckpt, dlast)
+        l = u.shape[2]
+        dB, dC = (g[..., :l].reshape(shape).to(dtype) for g, (shape, dtype) in ((dB, ctx.B_meta), (dC, ctx.C_meta)))
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                ddelta_bias if delta_bias is not None else None, None, None)
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False):
+    """
+    selective_scan_ref on the CUDA kernels of scan_cuda.cu (call _cuda_kernel() first).
+    u, delta, z: (b, d, l); A: (d, n), n <= 64; B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,)
+    returns out (b, d, l) in u's dtype, and last_state (b, d, n) float32 if return_last_state.
+    Official implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py, selective_scan_fn.
+    Unlike the official kernel, the gradient of last_state flows back too.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)  # the same errors as the other scans
+    if not 1 <= A.shape[1] <= 64:
+        raise ValueError(f"the CUDA scan takes state sizes of 1 to 64, got n = {A.shape[1]}")
+    return _CudaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 _backend_logged = set()
 
 
-def _scan_backend(u):
+def _scan_backend(u, delta, z):
     """The backend that runs: STAR_SCAN=auto (default) takes the CUDA kernel for GPU inputs where it builds."""
     choice = os.environ.get("STAR_SCAN", "auto")
     if choice not in ("auto", "cuda", "torch", "ref"):
         raise ValueError(f"STAR_SCAN must be one of auto, cuda, torch, ref; got {choice!r}")
     backend, why = choice, "asked for by STAR_SCAN"
     if choice in ("auto", "cuda"):
-        kernel, reason = _cuda_kernel() if u.is_cuda else (None, "the inputs are on the CPU")
+        if not u.is_cuda:
+            kernel, reason = None, "the inputs are on the CPU"
+        elif u.dtype not in (torch.float32, torch.bfloat16, torch.float16) or delta.dtype != u.dtype or (
+                z is not None and z.dtype != u.dtype):
+            kernel, reason = None, "the kernel takes u, delta, z of one dtype: float32, bfloat16 or float16"
+        else:
+            kernel, reason = _cuda_kernel()
         if kernel is None and choice == "cuda":
             raise RuntimeError(f"STAR_SCAN=cuda, but the CUDA scan cannot run: {reason}")
         if kernel is None and u.is_cuda:
@@ -234,13 +375,12 @@ def _scan_backend(u):
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
     """The scan the model calls: the CUDA kernel on a GPU, else the PyTorch scan (see _scan_backend)."""
-    fn = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}[_scan_backend(u)]
+    backend = _scan_backend(u, delta, z)
+    fn = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}[backend]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 # -----------------------------------------------------------------------------
 # The model
-
-
 @dataclass
 class StarConfig:
     img_size: int = 32           # image side in pixels (square images)
@@ -460,8 +600,6 @@ class VisionMamba(nn.Module):
 
 # -----------------------------------------------------------------------------
 # STAR: separator packing and the next-cluster objective
-
-
 def pack_with_separators(tokens, separator, K):
     """K images per sequence, the same separator before every image.
 

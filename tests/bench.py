@@ -15,12 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import star  # noqa: E402
-
-try:
-    from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda  # noqa: F401
-except ImportError:  # until the glue in .scratch/cuda_glue.py is merged into star.py
-    sys.path.insert(0, os.path.join(ROOT, ".scratch"))
-    from glue_module import _cuda_kernel, selective_scan_cuda
+from star import _cuda_kernel, selective_scan_cuda  # noqa: E402
 
 SHAPES = {"tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580), "long": (4, 768, 16, 8192)}  # (b, d, n, l)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}

@@ -11,15 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from star import selective_scan_ref
-try:
-    from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda
-except ImportError:  # until the glue in .scratch/cuda_glue.py is merged into star.py
-    sys.path.insert(0, os.path.join(ROOT, ".scratch"))
-    try:
-        from glue_module import _cuda_kernel, _find_cuda_home, selective_scan_cuda
-    except ImportError:
-        pytest.skip("star.py has no CUDA scan glue yet", allow_module_level=True)
+from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda, selective_scan_ref  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOL = {F32: dict(rtol=6e-4, atol=2e-3), BF16: dict(rtol=3e-2, atol=5e-2), F16: dict(rtol=3e-3, atol=5e-3)}
@@ -177,12 +169,9 @@ def test_bad_inputs(ext):
 
 KERNEL_CHECKS = """
 import sys
-sys.path[:0] = [ROOT, ROOT + "/.scratch"]
+sys.path[:0] = [ROOT]
 import torch
-try:
-    from star import _cuda_kernel, _find_cuda_home
-except ImportError:
-    from glue_module import _cuda_kernel
+from star import _cuda_kernel
 ext = _cuda_kernel()[0]
 b, d, l, n = 2, 32, 50, 16
 u, A, B = torch.randn(b, d, l, device="cuda"), -torch.rand(d, n, device="cuda"), torch.randn(b, 1, n, l, device="cuda")
