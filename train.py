@@ -728,9 +728,9 @@ def run(args, env):
         init = args.init or os.path.join(args.out, "pretrain.pt")
         h["probe"] = finetune("probe", cfg, data, args, env, init, frozen=True)
     summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test), "preset": args.preset,
-               "K": cfg.images_per_seq, "separator": cfg.separator, "minutes": round((time.time() - t0) / 60, 2)}
+               "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
-        summary |= {"ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
+        summary |= {"K": cfg.images_per_seq, "separator": cfg.separator, "ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
     for p in ("finetune", "scratch", "probe"):
         if p in h:
             summary[f"{p}_acc"] = h[p][-1]["test_acc"]
@@ -742,11 +742,12 @@ def run(args, env):
 
 def report(s, cfg, args):
     lines = [f"\nSTAR on {s['data']} ({s['train']} train / {s['test']} test images, {cfg.in_chans}x{cfg.img_size}"
-             f"x{cfg.img_size}), preset {s['preset']}: K={s['K']}, separator {s['separator']}"]
+             f"x{cfg.img_size}), preset {s['preset']}"]
     if "ar_loss_before" in s:
         lines.append(f"  AR loss (test)      {s['ar_loss_before']:.4f} before, {s['ar_loss_after']:.4f} after "
-                     f"{args.pretrain_epochs} epochs of pretraining")
-    names = {"finetune": "finetuned", "scratch": "from scratch", "probe": "linear probe"}
+                     f"{args.pretrain_epochs} epochs of pretraining (K={cfg.images_per_seq}, separator {cfg.separator})")
+    init = "the pretraining" if args.mode == "all" else args.init or "scratch"
+    names = {"finetune": f"finetuned from {init}", "scratch": "from scratch", "probe": f"linear probe of {init}"}
     for p, what in names.items():
         if f"{p}_acc" in s:
             lines.append(f"  test accuracy       {100 * s[p + '_acc']:.1f}%  {what} ({args.finetune_epochs} epochs)")
