@@ -233,19 +233,26 @@ def read_folder(root, size=0, classes=None):
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     try:
-        folder = ImageFolder(root, loader=Image.open)
+        folder = ImageFolder(root)
     except (FileNotFoundError, OSError) as e:
         raise ValueError(f"folder:{root} is not in ImageFolder layout (one subfolder per class): {e}") from None
     if classes is not None and folder.classes != classes:
         raise ValueError(f"{root} has classes {folder.classes}, the training data {classes}")
-    images = [Image.open(path) for path, _ in folder.samples]
-    mode = "L" if all(im.mode in ("1", "L", "I;16", "I") for im in images) else "RGB"
-    sizes = {im.size for im in images}
+    modes, sizes = set(), set()
+    for path, _ in folder.samples:  # a first pass reads only the headers
+        with Image.open(path) as im:
+            modes.add(im.mode)
+            sizes.add(im.size)
+    mode = "L" if modes <= {"1", "L", "I;16", "I"} else "RGB"
     if not size and (len(sizes) > 1 or any(w != h for w, h in sizes)):
         raise ValueError(f"the images in {root} are not all square and of one size ({sorted(sizes)[:4]}...); "
                          f"pass --img_size N to resize them")
-    arrays = [np.asarray(ImageOps.fit(im.convert(mode), (size, size)) if size else im.convert(mode)) for im in images]
-    x = torch.from_numpy(np.stack(arrays))
+
+    def read(path):
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            return np.asarray(ImageOps.fit(im, (size, size)) if size else im)
+    x = torch.from_numpy(np.stack([read(path) for path, _ in folder.samples]))
     x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)
     return x, torch.tensor([label for _, label in folder.samples]), folder.classes
 
