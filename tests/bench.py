@@ -1,5 +1,6 @@
 """
 Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes tiny,B,long] [--dtypes f32,bf16]
+or on the CPU: python tests/bench.py --cpu (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
 Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak memory above the
 inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and (if installed) mamba_ssm's kernel.
 Inputs as in a Mamba layer: softplus with delta_bias, D, z, B and C (b, n, l).
@@ -69,13 +70,35 @@ def bench(scan, x, warmup, reps):
     return f, fb, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
+    """forward and forward+backward on the CPU, median of reps (wall clock)"""
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s).requires_grad_()
+    x = dict(u=r(b, d, l), delta=r(b, d, l), A=(-torch.rand(d, n) - 0.1).requires_grad_(), B=r(b, n, l),
+             C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d))
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, (b, d, n, l) = {(b, d, n, l)}, float32")
+    for name, scan in (("torch (star fallback)", star.selective_scan_torch), ("ref (sequential)", star.selective_scan_ref)):
+        fwd, fwd_bwd = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = scan(**x, delta_softplus=True)
+            t1 = time.perf_counter()
+            out.sum().backward()
+            fwd.append(t1 - t0)
+            fwd_bwd.append(time.perf_counter() - t0)
+        print(f"{name}: fwd {1e3 * statistics.median(fwd):.1f} ms, fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--shapes", default="tiny,B,long")
     parser.add_argument("--dtypes", default="f32,bf16")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--cpu", action="store_true", help="time the PyTorch scan and the reference on the CPU")
     args = parser.parse_args()
+    if args.cpu:
+        return cpu_bench()
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     t = time.time()
     ext, why = _cuda_kernel()
