@@ -128,7 +128,7 @@ def setup(args):
     else:
         rank, world, device = 0, 1, torch.device("cuda" if want_cuda else args.device if args.device != "auto" else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     logging.basicConfig(format="%(message)s")
     for name in ("train", "star"):
