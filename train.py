@@ -367,9 +367,7 @@ def model_config(args, data):
     try:
         return star.make_config(args.preset, img_size=h, in_chans=c, num_classes=data.num_classes, **args.overrides)
     except ValueError as e:
-        if f"img_size={h}" not in str(e):
-            raise
-        cfg = star.make_config(args.preset, **args.overrides)
+        cfg = star.make_config(args.preset, **args.overrides)  # raises here when the flags themselves are wrong
         raise ValueError(f"the images of {data.name} are {h}x{h} px, which the model cannot take ({e}); pass "
                          f"--img_size with a multiple of patch*cluster = {cfg.patch * cfg.cluster} to resize them, "
                          f"or another --patch / --cluster") from None
@@ -574,6 +572,7 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
         log_line(state["history"][-1], args, env)
         if not classify and env.master:
             sample_grid(model, data, args, env, os.path.join(args.out, f"samples_{name}_e000.png"))
+    stopping = False  # a stop asked for on any rank, known to all at every log point
     with StopFlag() as stop:
         for epoch in range(state["epoch"], epochs):
             perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(env.device)
@@ -639,7 +638,7 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
             log_line(rec, args, env)
             state.update(epoch=epoch + 1, batch=0, step=(epoch + 1) * steps, losses=[])
             save_checkpoint(path, model, optimizer, gen, state, data, args, env)
-            if stopping and epoch + 1 < epochs:
+            if stopping or (stop.set and not env.ddp):  # asked during the evaluation: stop before what comes next
                 raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}; continue with --resume")
     return state["history"]
 
