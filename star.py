@@ -203,7 +203,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, h_last) if return_last_state else out
 
 
-# the CUDA selective scan (scan_cuda.cu): build it once, wrap it for autograd
+# -----------------------------------------------------------------------------
+# The CUDA selective scan (scan_cuda.cu): build it once on first use, wrap it for autograd
 
 _SCAN_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cuda.cu")
 _scan_ext, _scan_why = None, None  # the built module, or why there is none
@@ -212,8 +213,9 @@ _scan_ext, _scan_why = None, None  # the built module, or why there is none
 def _find_cuda_home():
     """a CUDA toolkit folder with bin/nvcc and lib64/libcudart.so, or None"""
     def is_toolkit(p):
+        libs = ("lib64", "lib", "targets/x86_64-linux/lib")
         return p and os.path.isfile(os.path.join(p, "bin", "nvcc")) and any(
-            os.path.exists(os.path.join(p, lib, "libcudart.so")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib"))
+            os.path.exists(os.path.join(p, lib, "libcudart.so")) for lib in libs)
     found = []
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -263,6 +265,7 @@ def _cuda_kernel():
         lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         _scan_why = f"{type(e).__name__}: {lines[0][:200]}"
     return _scan_ext, _scan_why
+
 
 # the kernels as torch.library ops, so that torch.compile sees through _CudaScan (the ops stay opaque)
 @torch.library.custom_op("star::scan_fwd", mutates_args=())
