@@ -752,7 +752,11 @@ class StarPretrain(nn.Module):
 
 
 class StarClassifier(nn.Module):
-    """Finetuning: the encoder on single images with bidirectional scans, mean pooling, a linear head."""
+    """Finetuning: the encoder on single images with bidirectional scans, mean pooling, a linear head.
+
+    ARM also puts a cls token in the middle of the sequence; we pool the patch tokens only, since the four scan
+    directions already let every token see the whole image, and there is no token for load_pretrained to miss.
+    """
 
     def __init__(self, cfg):
         super().__init__()
