@@ -39,6 +39,8 @@ log = logging.getLogger("star")
 
 # -----------------------------------------------------------------------------
 # Selective scan: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,  y_t = C_t h_t + D u_t,  out = y * silu(z)
+
+
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
     """Raise ValueError naming what was expected when the scan's inputs do not fit together."""
     if u.dim() != 3:
@@ -384,6 +386,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 # -----------------------------------------------------------------------------
 # The model
+
+
 @dataclass
 class StarConfig:
     img_size: int = 32           # image side in pixels (square images)
@@ -603,6 +607,8 @@ class VisionMamba(nn.Module):
 
 # -----------------------------------------------------------------------------
 # STAR: separator packing and the next-cluster objective
+
+
 def pack_with_separators(tokens, separator, K):
     """K images per sequence, the same separator before every image.
 
