@@ -1,6 +1,7 @@
 """
 Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes tiny,B,long] [--dtypes f32,bf16]
 or on the CPU: python tests/bench.py --cpu (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
+or whole pretraining steps against K: python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
 Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak memory above the
 inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and (if installed) mamba_ssm's kernel.
 Inputs as in a Mamba layer: softplus with delta_bias, D, z, B and C (b, n, l).
@@ -89,6 +90,59 @@ def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
         print(f"{name}: fwd {1e3 * statistics.median(fwd):.1f} ms, fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
 
 
+def model_bench(presets, ks, backends, steps=10):
+    """Images/s and peak memory per image of whole STAR pretraining steps (forward, backward, AdamW) against K.
+
+    The batch is the largest of 1024, 512, ... images that fits (at least K); bfloat16 autocast on a GPU.
+    """
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}")
+    print("| preset | K | tokens | scan | batch | images/s | peak MiB per image |\n|---|---|---|---|---|---|---|")
+    for preset in presets:
+        for K in ks if preset != "base" else [4]:
+            cfg = star.make_config(preset, images_per_seq=K)
+            for backend in backends:
+                os.environ["STAR_SCAN"] = backend
+                for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8) if b >= K and b % K == 0]:
+                    try:
+                        rate, peak = _time_steps(cfg, batch, device, steps)
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                else:
+                    print(f"| {preset} | {K} | {cfg.seq_len} | {backend} | - | out of memory | |")
+                    continue
+                print(f"| {preset} | {K} | {cfg.seq_len} | {backend} | {batch} | {rate:.0f} | {peak / batch:.2f} |",
+                      flush=True)
+    os.environ.pop("STAR_SCAN")
+
+
+def _time_steps(cfg, batch, device, steps):
+    torch.manual_seed(0)
+    model = star.StarPretrain(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    cuda = device == "cuda"
+    for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    rate = steps * batch / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    del model, opt
+    return rate, peak
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", help="also write the table to this file")
@@ -96,9 +150,15 @@ def main():
     parser.add_argument("--dtypes", default="f32,bf16")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--cpu", action="store_true", help="time the PyTorch scan and the reference on the CPU")
+    parser.add_argument("--model", action="store_true", help="time whole pretraining steps against K")
+    parser.add_argument("--presets", default="cifar,base")
+    parser.add_argument("--ks", default="1,2,4,8,16")
+    parser.add_argument("--backends", default="cuda,torch")
     args = parser.parse_args()
     if args.cpu:
         return cpu_bench()
+    if args.model:
+        return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")], args.backends.split(","))
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     t = time.time()
     ext, why = _cuda_kernel()
