@@ -26,15 +26,16 @@ def test_predictions_never_see_their_own_cluster_or_later(separator, cluster):
     # (image, cluster) of every target, in sequence order; comparing tuples compares sequence positions
     where = [(int(t) // N, (int(t) % N) // cc) for t in model.target]
     clusters = N // cc
-    for k, j in [(0, 0), (0, clusters - 1), (1, 0), (1, clusters // 2), (K - 1, clusters - 1)]:
+    for k, j, i in [(k, j, i) for k, j in [(0, 0), (0, clusters - 1), (1, 0), (1, clusters // 2), (K - 1, clusters - 1)]
+                    for i in range(cc)]:
         y = x.clone()
-        raster_patch = int(order[j * cc + cc - 1])  # the last patch of cluster j
+        raster_patch = int(order[j * cc + i])  # patch i of cluster j
         row, col = divmod(raster_patch, cfg.grid)
         y[k, 0, row * cfg.patch, col * cfg.patch] += 5.0  # one pixel of cluster j of image k
         changed = (model.predict(y)[0] - pred).abs().amax(-1)[0] > 1e-12  # (Q,)
         for q, (kq, jq) in enumerate(where):
             if (kq, jq) <= (k, j):
-                assert not changed[q], f"target (image {kq}, cluster {jq}) saw a change in (image {k}, cluster {j})"
+                assert not changed[q], f"target (image {kq}, cluster {jq}) saw a change in image {k}, cluster {j}"
         later = [q for q, w in enumerate(where) if w > (k, j)]
         assert not later or changed[later].any(), "a change never reached any later prediction"
 
