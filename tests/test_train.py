@@ -261,3 +261,24 @@ def test_two_processes_match_one(tmp_path):
         for key in ("loss", "test_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5 * abs(a[key]), (key, a[key], b[key])
+
+
+def test_cifar10_table_script_runs_every_row(tmp_path):
+    """tests/cifar10_table.sh (the README's CIFAR-10 table) at a tiny size: every row, phase and checkpoint."""
+    small = ["--data", "synthetic", "--preset", "tiny", "--num_train", "64", "--num_test", "32", "--batch_size", "32",
+             "--pretrain_epochs", "1", "--finetune_epochs", "1"]
+    done = subprocess.run(["bash", "tests/cifar10_table.sh", str(tmp_path), "3", *small], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stdout + done.stderr
+    phases = {"scratch": ["finetune"], "arm": ["pretrain", "probe", "finetune"],
+              "concat": ["pretrain", "probe", "finetune"], "star": ["pretrain", "probe", "finetune"]}
+    printed = [line.rsplit(" ", 2)[0] for line in done.stdout.splitlines()]
+    assert sorted(printed) == sorted(f"{row}: {phase}" for row, ps in phases.items() for phase in ps)
+    for row, ps in phases.items():
+        assert set(os.listdir(tmp_path / f"{row}_s3")) >= {f"{p}.pt" for p in ps}
+        logged = [r for r in records(tmp_path / f"{row}_s3") if "summary" not in r]
+        assert {r["phase"] for r in logged} == set(ps)
+    configs = {row: torch.load(tmp_path / f"{row}_s3" / "pretrain.pt", weights_only=False)["config"]
+               for row in ("arm", "concat", "star")}
+    assert [(c["images_per_seq"], c["separator"]) for c in configs.values()] == [(1, "none"), (4, "none"),
+                                                                                (4, "cluster")]
