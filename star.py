@@ -432,82 +432,90 @@ class StarConfig:
     seq_len = property(lambda self: self.images_per_seq * (self.sep_len + self.num_patches))
 
 
-class ScanBranch(nn.Module):
-    """One scan direction of a Mamba mixer: causal conv, input-dependent Δ, B, C, and the SSM parameters A, D.
+class MambaMixer(nn.Module):
+    """Mamba: in_proj to (x, z), a causal conv and a selective scan per direction, gate silu(z), out_proj.
 
     Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (Mamba.__init__, forward, step).
+    Pretraining scans one direction (causal). Finetuning scans `dirs` directions, each reading the tokens in its
+    own order with its own conv, x_proj, dt_proj, A and D; their outputs are averaged before the gate, as ARM
+    does; in_proj and out_proj are shared. Every per-direction parameter has a leading axis of size dirs, so all
+    directions run together: one conv over dirs*d channels, one batched matmul per projection, and one scan
+    whose B and C have one group per direction. Unlike Mamba, x_proj and dt_proj are plain weight tensors.
     """
 
-    def __init__(self, d_inner, d_state, d_conv, dt_rank, dt_min=1e-3, dt_max=0.1):
+    def __init__(self, cfg, dirs=1, dt_min=1e-3, dt_max=0.1):
         super().__init__()
-        self.dt_rank, self.d_state = dt_rank, d_state
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        # Mamba's Δ initialisation: softplus(bias) log-uniform in [dt_min, dt_max]
-        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=1e-4)
+        d = cfg.expand * cfg.width
+        n = cfg.d_state
+        r = math.ceil(cfg.width / 16)  # dt_rank
+        self.dirs = dirs
+        self.split = [r, n, n]  # x_proj's output: Δ (low rank), B, C
+        self.in_proj = nn.Linear(cfg.width, 2 * d, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(dirs, d, cfg.d_conv))  # depthwise, causal
+        self.conv_bias = nn.Parameter(torch.empty(dirs, d))
+        self.x_proj = nn.Parameter(torch.empty(dirs, r + 2 * n, d))
+        self.dt_proj_weight = nn.Parameter(torch.empty(dirs, d, r))
+        self.dt_proj_bias = nn.Parameter(torch.empty(dirs, d))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1.0)).repeat(dirs, d, 1))  # (dirs, d, n)
+        self.D = nn.Parameter(torch.ones(dirs, d))
+        self.out_proj = nn.Linear(d, cfg.width, bias=False)
         with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-        # S4D-real initialisation: A = -(1, 2, ..., n) for every channel
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(d_inner, 1))  # (d, n)
-        self.D = nn.Parameter(torch.ones(d_inner))  # (d,)
-
-    def forward(self, x):
-        """x (b, l, d) -> y (b, l, d), before the gate."""
-        l = x.shape[1]
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :l])  # (b, d, l): right padding cut, so causal
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (b, d, l); the bias goes in as delta_bias
-        y = selective_scan(x, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                           self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return y.transpose(1, 2)  # (b, l, d)
-
-    def step(self, x, conv_state, ssm_state):
-        """One token: x (b, d); conv_state (b, d, d_conv), ssm_state (b, d, n), both updated in place."""
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[:, :, -1] = x
-        x = F.silu((conv_state * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)  # (b, d)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))  # (b, d)
-        dA = torch.exp(delta[..., None] * -torch.exp(self.A_log.float()))  # (b, d, n)
-        ssm_state.copy_(dA * ssm_state + (delta * x)[..., None] * B[:, None, :])
-        return (ssm_state * C[:, None, :]).sum(-1) + self.D * x  # (b, d)
-
-
-class MambaMixer(nn.Module):
-    """Mamba: in_proj to (x, z), one ScanBranch per scan direction, gate with silu(z), out_proj.
-
-    With several directions (finetuning) every branch reads the tokens in its own order and their outputs are
-    averaged before the gate, as ARM does; in_proj and out_proj are shared.
-    """
-
-    def __init__(self, cfg, dirs=1):
-        super().__init__()
-        d_inner = cfg.expand * cfg.width
-        self.in_proj = nn.Linear(cfg.width, 2 * d_inner, bias=False)
-        dt_rank = math.ceil(cfg.width / 16)
-        self.branches = nn.ModuleList(ScanBranch(d_inner, cfg.d_state, cfg.d_conv, dt_rank) for _ in range(dirs))
-        self.out_proj = nn.Linear(d_inner, cfg.width, bias=False)
+            # PyTorch's Conv1d default, ARM's 0.02 for x_proj (an nn.Linear there)
+            nn.init.uniform_(self.conv_weight, -cfg.d_conv ** -0.5, cfg.d_conv ** -0.5)
+            nn.init.uniform_(self.conv_bias, -cfg.d_conv ** -0.5, cfg.d_conv ** -0.5)
+            nn.init.trunc_normal_(self.x_proj, std=0.02)
+            # Mamba's Δ initialisation: softplus(bias) log-uniform in [dt_min, dt_max]
+            nn.init.uniform_(self.dt_proj_weight, -r ** -0.5, r ** -0.5)
+            log_dt = torch.rand(dirs, d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            dt = torch.exp(log_dt).clamp(min=1e-4)  # (dirs, d)
+            self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, x, orders=None):
-        """x (b, l, width); orders: one (perm, inverse) pair of (l,) indices per branch, None for as-is."""
+        """x (b, l, width); orders: (perm, inverse), each (dirs, l), or None for the causal direction."""
+        b, l, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
-        ys = []
-        for branch, order in zip(self.branches, orders or [None]):
-            ys.append(branch(x) if order is None else branch(x[:, order[0]])[:, order[1]])
-        return self.out_proj(torch.stack(ys).mean(0) * F.silu(z))  # (b, l, width)
+        d = x.shape[-1]
+        if orders is None and self.dirs > 1:
+            raise ValueError(f"this mixer scans {self.dirs} directions: pass their token orders")
+        if orders is None:
+            u = x.transpose(1, 2)  # (b, d, l)
+        else:
+            u = x[:, orders[0]].transpose(2, 3).flatten(1, 2)  # (b, dirs*d, l), each in its own order
+        k = self.conv_weight.shape[-1]
+        u = F.conv1d(u, self.conv_weight.view(-1, 1, k), self.conv_bias.flatten(),
+                     padding=k - 1, groups=self.dirs * d)  # (b, dirs*d, l + k - 1)
+        u = F.silu(u[..., :l])  # (b, dirs*d, l): the right padding cut, so causal
+        proj = self.x_proj @ u.view(b, self.dirs, d, l)  # (b, dirs, r + 2n, l)
+        dt, B, C = proj.split(self.split, dim=2)  # B, C (b, dirs, n, l): one group per direction
+        delta = (self.dt_proj_weight @ dt).flatten(1, 2)  # (b, dirs*d, l); the bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float()).flatten(0, 1)  # (dirs*d, n)
+        y = selective_scan(u, delta, A, B, C, self.D.float().flatten(),
+                           delta_bias=self.dt_proj_bias.float().flatten(), delta_softplus=True)
+        y = y.view(b, self.dirs, d, l)  # (b, dirs, d, l)
+        if orders is not None:
+            y = y.gather(3, orders[1][None, :, None, :].expand(b, -1, d, -1))  # back in token order
+        y = y.mean(1).transpose(1, 2)  # (b, l, d)
+        return self.out_proj(y * F.silu(z))  # (b, l, width)
 
     def step(self, x, state):
-        """One token x (b, width) with the causal branch; state = (conv_state, ssm_state) from init_state."""
+        """One token x (b, width), causal direction; state = (conv_state, ssm_state) from init_state."""
+        conv_state, ssm_state = state  # (b, d, d_conv), (b, d, n); both updated in place
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d) each
-        return self.out_proj(self.branches[0].step(x, *state) * F.silu(z))  # (b, width)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        u = F.silu((conv_state * self.conv_weight[0]).sum(-1) + self.conv_bias[0])  # (b, d)
+        dt, B, C = (u @ self.x_proj[0].T).split(self.split, dim=-1)  # (b, r), (b, n), (b, n)
+        delta = F.softplus(dt @ self.dt_proj_weight[0].T + self.dt_proj_bias[0])  # (b, d)
+        dA = torch.exp(delta[..., None] * -torch.exp(self.A_log[0].float()))  # (b, d, n)
+        ssm_state.copy_(dA * ssm_state + (delta * u)[..., None] * B[:, None, :])
+        y = (ssm_state * C[:, None, :]).sum(-1) + self.D[0] * u  # (b, d)
+        return self.out_proj(y * F.silu(z))  # (b, width)
 
     def init_state(self, b):
-        w = self.branches[0].conv1d.weight
-        d, d_conv, n = w.shape[0], w.shape[-1], self.branches[0].d_state
-        return w.new_zeros(b, d, d_conv), w.new_zeros(b, d, n, dtype=torch.float32)
+        _, d, d_conv = self.conv_weight.shape
+        n = self.A_log.shape[-1]
+        conv_state = self.conv_weight.new_zeros(b, d, d_conv)
+        return conv_state, self.conv_weight.new_zeros(b, d, n, dtype=torch.float32)
 
 
 class SwiGLU(nn.Module):
@@ -575,11 +583,14 @@ def cluster_order(grid, c):
 
 
 def scan_orders(grid, dirs):
-    """The classifier's token orders as (perm, inverse) pairs: rows forward/backward, columns forward/backward."""
+    """The classifier's token orders: rows forward/backward, columns forward/backward.
+
+    Returns perm and its inverse, both (dirs, N): direction i reads the tokens x[:, perm[i]].
+    """
     raster = torch.arange(grid * grid)
     columns = raster.view(grid, grid).T.flatten()
-    perms = [raster, raster.flip(0), columns, columns.flip(0)][:dirs]
-    return [(p, torch.argsort(p)) for p in perms]
+    perm = torch.stack([raster, raster.flip(0), columns, columns.flip(0)][:dirs])  # (dirs, N)
+    return perm, torch.argsort(perm, dim=1)
 
 
 class VisionMamba(nn.Module):
@@ -770,16 +781,16 @@ class StarClassifier(nn.Module):
         self.encoder = VisionMamba(cfg, dirs=cfg.scan_dirs)
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.num_classes)
-        for i, (perm, inv) in enumerate(scan_orders(cfg.grid, cfg.scan_dirs)):
-            self.register_buffer(f"perm{i}", perm, persistent=False)
-            self.register_buffer(f"inv{i}", inv, persistent=False)
+        perm, inverse = scan_orders(cfg.grid, cfg.scan_dirs)  # (dirs, N) each
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("inverse", inverse, persistent=False)
         _init_linear(self)
 
     def features(self, imgs):
         """(b, C, H, W) -> (b, width): mean of the patch tokens."""
         _check_images(imgs, self.cfg, self)
-        orders = [(getattr(self, f"perm{i}"), getattr(self, f"inv{i}")) for i in range(self.cfg.scan_dirs)]
-        x = self.encoder(self.encoder.embed(patchify(imgs, self.cfg.patch)), orders=orders)[-1]  # (b, N, width)
+        tokens = self.encoder.embed(patchify(imgs, self.cfg.patch))  # (b, N, width)
+        x = self.encoder(tokens, orders=(self.perm, self.inverse))[-1]  # (b, N, width)
         return self.norm(x.mean(1))
 
     def forward(self, imgs):
@@ -790,13 +801,12 @@ class StarClassifier(nn.Module):
 
         Returns (missing, unexpected) key lists, as load_state_dict does.
         """
+        own = self.state_dict()
         mapped = {}
         for key, value in state_dict.items():
-            if ".branches.0." in key:
-                for i in range(self.cfg.scan_dirs):
-                    mapped[key.replace(".branches.0.", f".branches.{i}.")] = value
-            else:
-                mapped[key] = value
+            if ".mixer." in key and key in own and value.shape[0] == 1 < own[key].shape[0]:
+                value = value.expand_as(own[key])  # (1, ...) -> (dirs, ...)
+            mapped[key] = value
         result = self.load_state_dict(mapped, strict=False)
         return result.missing_keys, result.unexpected_keys
 

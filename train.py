@@ -400,7 +400,7 @@ def param_groups(model, weight_decay, layer_decay=1.0):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.dim() < 2 or name.endswith("A_log") or name in ("separator", "query")
+        no_decay = p.dim() < 2 or name.endswith(("bias", "A_log", ".D")) or name in ("separator", "query")
         layer = (0 if name.startswith("encoder.patch_embed") else
                  int(name.split(".")[2]) + 1 if name.startswith("encoder.blocks.") else depth + 1)
         key = (no_decay, layer_decay ** (depth + 1 - layer))

@@ -1,6 +1,7 @@
 """The model: causality of the STAR objective, separator packing, the recurrent step, presets, loading."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import star
 
@@ -91,6 +92,52 @@ def test_recurrent_step_equals_parallel_forward():
     torch.testing.assert_close(steps, parallel, rtol=1e-10, atol=1e-10)
 
 
+def per_direction_loop(mixer, x, perm, inverse):
+    """The mixer written as one plain scan per direction (each its own conv, x_proj, dt_proj, A, D)."""
+    b, l, _ = x.shape
+    x, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
+    d = x.shape[-1]
+    k = mixer.conv_weight.shape[-1]
+    ys = []
+    for i in range(mixer.dirs):
+        u = F.conv1d(x[:, perm[i]].transpose(1, 2), mixer.conv_weight[i][:, None], mixer.conv_bias[i],
+                     padding=k - 1, groups=d)
+        u = F.silu(u[..., :l])  # (b, d, l)
+        dt, B, C = (mixer.x_proj[i] @ u).split(mixer.split, dim=1)
+        # A, D and the Δ bias in float32, as the mixer hands them to the scan
+        A = -mixer.A_log[i].float().exp()
+        y = star.selective_scan_ref(u, mixer.dt_proj_weight[i] @ dt, A, B, C, mixer.D[i].float(),
+                                    delta_bias=mixer.dt_proj_bias[i].float(), delta_softplus=True)
+        ys.append(y[:, :, inverse[i]])  # (b, d, l) in token order
+    return mixer.out_proj(torch.stack(ys).mean(0).transpose(1, 2) * F.silu(z))
+
+
+@pytest.mark.parametrize("dirs", [1, 2, 4])
+def test_stacked_directions_equal_one_scan_per_direction(dirs):
+    torch.manual_seed(0)
+    cfg = tiny(width=16, d_state=4)
+    mixer = star.MambaMixer(cfg, dirs).double()
+    with torch.no_grad():  # distinct directions, so a mix-up between them shows
+        for p in (mixer.conv_weight, mixer.x_proj, mixer.dt_proj_bias, mixer.A_log, mixer.D):
+            p.add_(0.3 * torch.randn_like(p))
+    perm = torch.stack([torch.randperm(16) for _ in range(dirs)])  # (dirs, l): not self-inverse
+    inverse = torch.argsort(perm, dim=1)
+    x = torch.randn(3, 16, cfg.width, dtype=torch.float64, requires_grad=True)
+    got = mixer(x, orders=(perm, inverse))
+    want = per_direction_loop(mixer, x, perm, inverse)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    grads = torch.autograd.grad(got.square().sum(), [x, *mixer.parameters()])
+    grads_want = torch.autograd.grad(want.square().sum(), [x, *mixer.parameters()])
+    for g, w in zip(grads, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+
+
+def test_several_directions_without_orders_is_an_error():
+    mixer = star.MambaMixer(tiny(), dirs=4)
+    with pytest.raises(ValueError, match="scans 4 directions: pass their token orders"):
+        mixer(torch.randn(2, 16, tiny().width))
+
+
 def test_preset_parameter_counts():
     cifar = star.count_params(star.StarClassifier(star.make_config("cifar")))
     assert 5.5e6 <= cifar <= 6.0e6, cifar
@@ -125,10 +172,10 @@ def test_classifier_loads_pretrained_weights_into_every_direction(dirs):
     missing, unexpected = clf.load_pretrained(pre.state_dict())
     assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
     assert "separator" in unexpected and all(not k.startswith("encoder.") for k in unexpected)
-    for i in range(dirs):
-        for name in ("A_log", "D", "conv1d.weight", "x_proj.weight", "dt_proj.bias"):
-            got = clf.state_dict()[f"encoder.blocks.1.mixer.branches.{i}.{name}"]
-            assert torch.equal(got, pre.state_dict()[f"encoder.blocks.1.mixer.branches.0.{name}"])
+    for name in ("A_log", "D", "conv_weight", "conv_bias", "x_proj", "dt_proj_weight", "dt_proj_bias"):
+        got = clf.state_dict()[f"encoder.blocks.1.mixer.{name}"]  # (dirs, ...)
+        want = pre.state_dict()[f"encoder.blocks.1.mixer.{name}"]  # (1, ...)
+        assert got.shape[0] == dirs and torch.equal(got, want.expand_as(got))
     assert clf(images(tiny(), 2).float()).shape == (2, 10)
 
 
@@ -141,8 +188,7 @@ def test_four_way_classifier_sees_both_directions():
     for dirs, should_change in [(1, False), (4, True)]:
         enc = star.StarClassifier(tiny(scan_dirs=dirs)).double().eval()
         tokens = lambda im: enc.encoder(enc.encoder.embed(star.patchify(im, 8)),
-                                        orders=[(getattr(enc, f"perm{i}"), getattr(enc, f"inv{i}"))
-                                                for i in range(dirs)])[-1][:, 0]
+                                        orders=(enc.perm, enc.inverse))[-1][:, 0]
         assert (not torch.allclose(tokens(x), tokens(y), rtol=0, atol=1e-12)) == should_change
 
 
