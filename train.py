@@ -79,6 +79,7 @@ class Args:
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
+    precision: str = "auto"       # auto: bf16 on GPUs of compute capability 8.0+, fp16 below, fp32 on CPU
     progress: bool = True         # tqdm bars
     overrides: dict = field(default_factory=dict)  # StarConfig fields given as flags
 
@@ -114,6 +115,8 @@ def parse_args(argv=None):
     args.overrides = {f.name: ns[f"model_{f.name}"] for f in model if ns[f"model_{f.name}"] is not None}
     if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    if args.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown precision {args.precision!r}; choose one of auto, bf16, fp16, fp32")
     return args
 
 
@@ -133,11 +136,24 @@ def setup(args):
     logging.basicConfig(format="%(message)s")
     for name in ("train", "star"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, phase=None)
+    dtype = autocast_dtype(args.precision, device)
+    log.info(f"precision: {str(dtype).removeprefix('torch.')} on {device}")
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, phase=None,
+                           dtype=dtype)
+
+
+def autocast_dtype(precision, device):
+    """The autocast dtype: bf16 where the GPU computes in it natively, fp16 on older GPUs, fp32 on the CPU."""
+    if precision == "auto" and device.type == "cuda":
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if precision == "auto":
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def autocast(env):
-    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda")
+    return torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32)
 
 # -----------------------------------------------------------------------------
 # data: every image set ends up as uint8 (n, C, H, W) and int64 labels, on the device
@@ -505,7 +521,7 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def save_checkpoint(path, model, optimizer, gen, state, data, args, env):
+def save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env):
     """Written atomically (a temporary file, then os.replace): an interruption leaves the last one intact."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
@@ -515,7 +531,7 @@ def save_checkpoint(path, model, optimizer, gen, state, data, args, env):
         dist.all_gather_object(rngs, rng)
     if env.master:
         ckpt = {"phase": env.phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": None,  # bfloat16 needs no loss scaling
+                "scaler": scaler.state_dict(),
                 "config": asdict(model.cfg), "args": asdict(args), "norm": [data.mean.cpu(), data.std.cpu()],
                 "epoch": state["epoch"], "step": state["step"], "rng": rngs, "aug_rng": gen.get_state(),
                 "data_order": {"seed": args.seed, "epoch": state["epoch"], "batch": state["batch"]},
@@ -524,12 +540,13 @@ def save_checkpoint(path, model, optimizer, gen, state, data, args, env):
         os.replace(path + ".tmp", path)
 
 
-def restore(path, model, optimizer, gen, env):
+def restore(path, model, optimizer, scaler, gen, env):
     """Put the model, optimizer and every random stream back as they were when path was written."""
     ckpt = load_checkpoint(path, env.phase)
     check_config(ckpt["config"], model.cfg, [f.name for f in fields(star.StarConfig)], path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
     gen.set_state(ckpt["aug_rng"])
     if len(ckpt["rng"]) != env.world:
         log.warning(f"{path} was written by {len(ckpt['rng'])} processes, now {env.world}: random streams differ")
@@ -562,10 +579,11 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
     lr, total, warm = lr * B / 256, epochs * steps, round(warmup_epochs * steps)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, layer_decay), lr=lr, betas=betas)
     gen = torch.Generator(env.device).manual_seed(args.seed)  # crops and flips: one stream, the same on every rank
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)  # else underflow
     state = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
     torch.manual_seed(args.seed + env.rank)  # drop-path masks
     if args.resume and os.path.exists(path):
-        state = restore(path, model, optimizer, gen, env)
+        state = restore(path, model, optimizer, scaler, gen, env)
     ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.ddp else model
     if not state["history"]:
         state["history"].append({"phase": name, "epoch": 0, "step": 0, **evaluate(model, data, args, env)})
@@ -593,8 +611,9 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
                 loss = F.cross_entropy(out.float(), data.y[idx], label_smoothing=args.label_smoothing) \
                     if classify else out
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 losses[i] = loss.detach()
                 bar.update()
                 log_point = (i + 1) % args.log_every == 0 or i + 1 == steps or (stop.set and not env.ddp)
@@ -622,7 +641,7 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
                 stopping = asked.item() > 0
                 if stopping and i + 1 < steps:
                     state.update(epoch=epoch, batch=i + 1, step=step + 1)
-                    save_checkpoint(path, model, optimizer, gen, state, data, args, env)
+                    save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env)
                     bar.close()
                     raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}, batch {i + 1} (step {step + 1}); "
                                      f"continue with the same command and --resume")
@@ -637,7 +656,7 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
             state["history"].append(rec)
             log_line(rec, args, env)
             state.update(epoch=epoch + 1, batch=0, step=(epoch + 1) * steps, losses=[])
-            save_checkpoint(path, model, optimizer, gen, state, data, args, env)
+            save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env)
             if stopping or (stop.set and not env.ddp):  # asked during the evaluation: stop before what comes next
                 raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}; continue with --resume")
     return state["history"]

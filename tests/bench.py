@@ -90,39 +90,49 @@ def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
         print(f"{name}: fwd {1e3 * statistics.median(fwd):.1f} ms, fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
 
 
-def model_bench(presets, ks, backends, steps=10):
-    """Images/s and peak memory per image of whole STAR pretraining steps (forward, backward, AdamW) against K.
+def model_bench(presets, ks, backends, dirs, dtype, steps=10):
+    """Images/s and peak memory per image of whole training steps (forward, backward, AdamW): pretraining
+    against K, then the finetuning classifier against its number of scan directions.
 
-    The batch is the largest of 1024, 512, ... images that fits (at least K); bfloat16 autocast on a GPU.
+    The batch is the largest of 1024, 512, ... images that fits (at least K); autocast to dtype on a GPU.
     """
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}")
-    print("| preset | K | tokens | scan | batch | images/s | peak MiB per image |\n|---|---|---|---|---|---|---|")
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, {dtype}")
+    print("| preset | step | tokens | scan | batch | images/s | peak MiB per image |")
+    print("|---|---|---|---|---|---|---|")
     for preset in presets:
-        for K in ks if preset != "base" else [4]:
-            cfg = star.make_config(preset, images_per_seq=K)
+        rows = [(f"pretrain K={K}", star.StarPretrain, star.make_config(preset, images_per_seq=K))
+                for K in (ks if preset != "base" else [4])]
+        rows += [(f"classifier, {s} scan dirs", star.StarClassifier, star.make_config(preset, scan_dirs=s))
+                 for s in dirs]
+        for label, make, cfg in rows:
+            unit = cfg.images_per_seq if make is star.StarPretrain else 1
+            tokens = cfg.seq_len if make is star.StarPretrain else cfg.num_patches
             for backend in backends:
                 os.environ["STAR_SCAN"] = backend
-                for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8) if b >= K and b % K == 0]:
+                for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8) if b >= unit and b % unit == 0]:
                     try:
-                        rate, peak = _time_steps(cfg, batch, device, steps)
+                        rate, peak = _time_steps(make(cfg), batch, device, steps, dtype)
                         break
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
                 else:
-                    print(f"| {preset} | {K} | {cfg.seq_len} | {backend} | - | out of memory | |")
+                    print(f"| {preset} | {label} | {tokens} | {backend} | - | out of memory | |")
                     continue
-                print(f"| {preset} | {K} | {cfg.seq_len} | {backend} | {batch} | {rate:.0f} | {peak / batch:.2f} |",
-                      flush=True)
+                print(f"| {preset} | {label} | {tokens} | {backend} | {batch} | {rate:.0f} | "
+                      f"{peak / batch:.2f} |", flush=True)
     os.environ.pop("STAR_SCAN")
 
 
-def _time_steps(cfg, batch, device, steps):
+def _time_steps(model, batch, device, steps, dtype):
     torch.manual_seed(0)
-    model = star.StarPretrain(cfg).to(device)
+    model = model.to(device)
+    cfg = model.cfg
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(cfg.num_classes, (batch,), device=device)
     cuda = device == "cuda"
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
@@ -130,11 +140,13 @@ def _time_steps(cfg, batch, device, steps):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(x)
+        with torch.autocast(device, dtype=dtype, enabled=cuda and dtype != torch.float32):
+            out = model(x)
+        loss = out if out.dim() == 0 else torch.nn.functional.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     if cuda:
         torch.cuda.synchronize()
     rate = steps * batch / (time.perf_counter() - start)
@@ -154,11 +166,15 @@ def main():
     parser.add_argument("--presets", default="cifar,base")
     parser.add_argument("--ks", default="1,2,4,8,16")
     parser.add_argument("--backends", default="cuda,torch")
+    parser.add_argument("--dirs", default="1,2,4", help="--model: the classifier's scan directions")
+    parser.add_argument("--precision", default="bf16", help="--model: autocast dtype (bf16, fp16, fp32)")
     args = parser.parse_args()
     if args.cpu:
         return cpu_bench()
     if args.model:
-        return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")], args.backends.split(","))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+        return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")],
+                           args.backends.split(","), [int(s) for s in args.dirs.split(",")], dtype)
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     t = time.time()
     ext, why = _cuda_kernel()

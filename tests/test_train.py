@@ -282,3 +282,20 @@ def test_cifar10_table_script_runs_every_row(tmp_path):
                for row in ("arm", "concat", "star")}
     assert [(c["images_per_seq"], c["separator"]) for c in configs.values()] == [(1, "none"), (4, "none"),
                                                                                 (4, "cluster")]
+
+
+def test_precision_follows_the_card(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert train.autocast_dtype("auto", cpu) == torch.float32
+    for capability, dtype in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert train.autocast_dtype("auto", gpu) == dtype, capability
+    assert train.autocast_dtype("fp16", gpu) == torch.float16
+    assert train.autocast_dtype("fp32", gpu) == torch.float32
+
+
+def test_fp16_trains_with_a_gradient_scaler_that_is_checkpointed(tmp_path):
+    summary = run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "1", "--precision", "fp16")
+    assert summary["ar_loss_after"] < summary["ar_loss_before"]
+    scaler = torch.load(tmp_path / "r" / "pretrain.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
