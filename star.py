@@ -2,24 +2,34 @@
 STAR in one file: separators for autoregressive pretraining of a Vision Mamba.
 
 Reading list
-  - Liu et al., "Separators in Enhancing Autoregressive Pretraining for Vision Mamba" (STAR), arXiv 2603.03806, 2026
+  - Liu et al., "Separators in Enhancing Autoregressive Pretraining for Vision Mamba" (STAR),
+    arXiv 2603.03806, 2026
   - Ren et al., "Autoregressive Pretraining with Mamba in Vision" (ARM), ICLR 2025
   - Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", 2023
   - Zhu et al., "Vision Mamba" (Vim), ICML 2024
 
 Glossary (code name -> paper symbol)
-  b          batch (images, or packed sequences)      l   sequence length (tokens)
-  d          channels of the scan (d_inner)            n   state size per channel (d_state)
-  g          groups of B and C (usually 1)             delta  Δ, the input-dependent step size
-  A          (d, n) state matrix, diagonal, negative   B, C   input and output projections of the state
-  D          skip connection u -> y                    z   gate: y * silu(z)
-  u          scan input (after the causal conv)        h   state, (b, d, n) at every step
-  patch      p x p pixels, one token                   cluster  c x c neighbouring patches, predicted together
-  separator  the learnable tokens before every image   K   images packed into one sequence
+  b          batch (images, or packed sequences)
+  l          sequence length (tokens)
+  d          channels of the scan (d_inner)
+  n          state size per channel (d_state)
+  g          groups of B and C (one per scan direction)
+  delta      Δ, the input-dependent step size
+  A          (d, n) state matrix, diagonal, negative
+  B, C       input and output projections of the state
+  D          skip connection u -> y
+  z          gate: y * silu(z)
+  u          scan input (after the causal conv)
+  h          state, (b, d, n) at every step
+  patch      p x p pixels, one token
+  cluster    c x c neighbouring patches, predicted together
+  separator  the learnable tokens before every image
+  K          images packed into one sequence
+  dirs       scan directions of a mixer: 1 when pretraining (causal), 4 when finetuning
 
-The file reads bottom-up: the selective scan (reference, fast PyTorch fallback, CUDA loader), the Mamba mixer,
-the MambaMLP block, the Vision Mamba encoder, separator packing, the next-cluster objective, the pretraining
-model, the finetuning classifier, and the presets.
+The file reads bottom-up: the selective scan (reference, fast PyTorch fallback, CUDA loader),
+the Mamba mixer, the MambaMLP block, the Vision Mamba encoder, separator packing, the next-cluster
+objective, the pretraining model, the finetuning classifier, and the presets.
 """
 import glob
 import logging
@@ -27,7 +37,6 @@ import math
 import os
 import re
 import shutil
-import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -53,12 +62,11 @@ def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
         if t is not None and t.shape != u.shape:
             raise ValueError(f"{name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
     for name, t in (("B", B), ("C", C)):
-        if t.dim() == 3 and t.shape == (b, n, l):
-            continue
-        if t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (n, l) and d % t.shape[1] == 0:
-            continue
-        raise ValueError(f"{name} must be (b, n, l) = ({b}, {n}, {l}) or (b, g, n, l) with d={d} divisible "
-                         f"by g, got {tuple(t.shape)}")
+        plain = t.shape == (b, n, l)
+        grouped = t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (n, l) and d % t.shape[1] == 0
+        if not (plain or grouped):
+            raise ValueError(f"{name} must be (b, n, l) = ({b}, {n}, {l}) or (b, g, n, l) with "
+                             f"d={d} divisible by g, got {tuple(t.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (d,):
             raise ValueError(f"{name} must be (d,) = ({d},), got {tuple(t.shape)}")
@@ -77,32 +85,37 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The oracle: the recurrence one step at a time, with autograd doing the backward.
 
     Same semantics and shapes as the official selective_scan_ref (state-spaces/mamba,
-    mamba_ssm/ops/selective_scan_interface.py): u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or grouped
-    (b, g, n, l), channel i reading group i // (d // g); D, delta_bias (d,). Math in float32 (float64 when the
-    inputs are float64, so gradcheck can use it); output in u's dtype; last state (b, d, n) in the math dtype.
-    Real weights only.
+    mamba_ssm/ops/selective_scan_interface.py): u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or
+    grouped (b, g, n, l), channel i reading group i // (d // g); D, delta_bias (d,). Math in float32
+    (float64 for float64 inputs, so gradcheck can use it); output in u's dtype; the last state
+    (b, d, n) in the math dtype. Real weights only.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype_in, ft = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    ft = torch.promote_types(u.dtype, torch.float32)  # the math dtype
     b, d, l = u.shape
-    u, delta, A = u.to(ft), delta.to(ft), A.to(ft)
+    uf = u.to(ft)
+    delta = delta.to(ft)
     if delta_bias is not None:
         delta = delta + delta_bias.to(ft)[:, None]  # (b, d, l)
     if delta_softplus:
         delta = F.softplus(delta)
-    B = _grouped(B).to(ft).repeat_interleave(d // _grouped(B).shape[1], dim=1)  # (b, d, n, l)
-    C = _grouped(C).to(ft).repeat_interleave(d // _grouped(C).shape[1], dim=1)  # (b, d, n, l)
-    h = u.new_zeros(b, d, A.shape[1])  # (b, d, n)
+    B = _grouped(B).to(ft)
+    C = _grouped(C).to(ft)
+    B = B.repeat_interleave(d // B.shape[1], dim=1)  # (b, d, n, l)
+    C = C.repeat_interleave(d // C.shape[1], dim=1)  # (b, d, n, l)
+    A = A.to(ft)
+    h = uf.new_zeros(b, d, A.shape[1])  # (b, d, n)
     ys = []
     for t in range(l):
         dA = torch.exp(delta[:, :, t, None] * A)  # (b, d, n)
-        h = dA * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]  # (b, d, n)
+        h = dA * h + (delta[:, :, t] * uf[:, :, t])[..., None] * B[..., t]  # (b, d, n)
         ys.append((h * C[..., t]).sum(-1))  # (b, d)
-    y = torch.stack(ys, dim=2)  # (b, d, l)
-    out = y if D is None else y + D.to(ft)[:, None] * u
+    out = torch.stack(ys, dim=2)  # (b, d, l)
+    if D is not None:
+        out = out + D.to(ft)[:, None] * uf
     if z is not None:
         out = out * F.silu(z.to(ft))
-    out = out.to(dtype_in)
+    out = out.to(u.dtype)
     return (out, h) if return_last_state else out
 
 
@@ -112,9 +125,10 @@ def _scan_states(u, delta, A, B):
     u, delta (b, l, d); A (d, n); B (b, l, g, n). Returns exp(ΔA) and h, both (b, l, d, n).
     """
     b, l, d = u.shape
-    g, n = B.shape[2], B.shape[3]
+    g = B.shape[2]
     dA = (delta[..., None] * A).exp_()  # (b, l, d, n)
-    h = ((delta * u).view(b, l, g, d // g, 1) * B[:, :, :, None, :]).view(b, l, d, n)  # Δ_t B_t u_t
+    h = (delta * u).view(b, l, g, d // g, 1) * B[:, :, :, None, :]  # (b, l, g, d/g, n): Δ_t B_t u_t
+    h = h.view(b, l, d, -1)  # (b, l, d, n)
     for t in range(1, l):
         h[:, t].addcmul_(dA[:, t], h[:, t - 1])  # h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t
     return dA, h
@@ -123,20 +137,23 @@ def _scan_states(u, delta, A, B):
 class _ScanCore(torch.autograd.Function):
     """y_t = C_t h_t and the last state, with a hand-written backward that recomputes the states.
 
-    Autograd through the loop would keep l small tensors per step. This keeps two (b, l, d, n) tensors, exp(ΔA)
-    and h, and walks the backward in time chunks of l/8 steps, so the gradient of h is never whole.
-    Inputs in the math dtype: u, delta (b, d, l) with bias and softplus applied, A (d, n), B, C (b, g, n, l).
-    Returns y (b, d, l) and h_last (b, d, n).
+    Autograd through the loop would keep l small tensors per step. This keeps two (b, l, d, n)
+    tensors, exp(ΔA) and h, and walks the backward in time chunks of l/8 steps, so the gradient of h
+    is never whole. Inputs in the math dtype: u, delta (b, d, l) with bias and softplus applied,
+    A (d, n), B, C (b, g, n, l). Returns y (b, d, l) and h_last (b, d, n).
     """
 
     @staticmethod
-    @torch.autocast("cuda", enabled=False)  # the matmuls stay in the math dtype under bf16 autocast
+    @torch.autocast("cuda", enabled=False)  # the matmuls stay in the math dtype under autocast
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, u, delta, A, B, C):
         b, d, l = u.shape
-        g, n = B.shape[1], B.shape[2]
-        ut, dt = u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous()  # (b, l, d)
-        Bt, Ct = B.permute(0, 3, 1, 2).contiguous(), C.permute(0, 3, 1, 2).contiguous()  # (b, l, g, n)
+        g = B.shape[1]
+        n = B.shape[2]
+        ut = u.transpose(1, 2).contiguous()  # (b, l, d)
+        dt = delta.transpose(1, 2).contiguous()  # (b, l, d)
+        Bt = B.permute(0, 3, 1, 2).contiguous()  # (b, l, g, n)
+        Ct = C.permute(0, 3, 1, 2).contiguous()  # (b, l, g, n)
         _, h = _scan_states(ut, dt, A, Bt)  # (b, l, d, n)
         y = torch.matmul(h.view(b, l, g, d // g, n), Ct[..., None])  # (b, l, g, d/g, 1)
         ctx.save_for_backward(ut, dt, A, Bt, Ct)
@@ -148,15 +165,19 @@ class _ScanCore(torch.autograd.Function):
     def backward(ctx, dy, dh_last):
         ut, dt, A, Bt, Ct = ctx.saved_tensors
         b, l, d = ut.shape
-        g, n = Bt.shape[2], Bt.shape[3]
+        g = Bt.shape[2]
+        n = Bt.shape[3]
         H = d // g  # channels per group
         dy = dy.transpose(1, 2).contiguous().view(b, l, g, H, 1)  # (b, l, g, d/g, 1)
         du_in = (dt * ut).view(b, l, g, H, 1)  # (b, l, g, d/g, 1): Δ_t u_t
         dA, h = _scan_states(ut, dt, A, Bt)  # (b, l, d, n) each
-        dC = torch.bmm(h.view(-1, H, n).transpose(1, 2), dy.view(-1, H, 1))  # (b*l*g, n, 1): Σ_channels h dy
-        dB, d_du, ddelta = torch.empty_like(Bt), torch.empty_like(ut), torch.empty_like(ut)
+        # dL/dC_t = Σ_channels h_t dy_t
+        dC = torch.bmm(h.view(-1, H, n).transpose(1, 2), dy.view(-1, H, 1))  # (b*l*g, n, 1)
+        dB = torch.empty_like(Bt)  # (b, l, g, n)
+        d_du = torch.empty_like(ut)  # (b, l, d): dL/d(Δ_t u_t)
+        ddelta = torch.empty_like(ut)  # (b, l, d)
         dA_param = torch.zeros_like(A)  # (d, n)
-        carry = torch.zeros_like(h[:, 0]) if dh_last is None else dh_last  # (b, d, n): dL/dh from later steps
+        carry = torch.zeros_like(h[:, 0]) if dh_last is None else dh_last  # (b, d, n): from later
         chunk = -(-l // 8)
         for s in reversed(range(0, l, chunk)):
             e = min(s + chunk, l)
@@ -168,180 +189,211 @@ class _ScanCore(torch.autograd.Function):
                 dh[:, t].addcmul_(dA[:, s + t + 1], dh[:, t + 1])
             carry = dA[:, s] * dh[:, 0]
             dhg = dh.view(m * g, H, n)
-            dB[:, s:e] = torch.bmm(dhg.transpose(1, 2), du_in[:, s:e].reshape(m * g, H, 1)).view(b, e - s, g, n)
-            d_du[:, s:e] = torch.bmm(dhg, Bt[:, s:e].reshape(m * g, n, 1)).view(b, e - s, d)  # dL/d(Δ_t u_t)
+            dB_chunk = torch.bmm(dhg.transpose(1, 2), du_in[:, s:e].reshape(m * g, H, 1))
+            dB[:, s:e] = dB_chunk.view(b, e - s, g, n)
+            d_du[:, s:e] = torch.bmm(dhg, Bt[:, s:e].reshape(m * g, n, 1)).view(b, e - s, d)
             # through exp(Δ_t A): dL/d(Δ_t A) = dL/dh_t * exp(Δ_t A) * h_{t-1}, in dh's memory
-            q = dh.mul_(dA[:, s:e])
+            q = dh.mul_(dA[:, s:e])  # (b, T, d, n)
             q[:, 1:].mul_(h[:, s:e - 1])
-            q[:, 0].mul_(h[:, s - 1]) if s > 0 else q[:, 0].zero_()  # h_{-1} = 0
-            qd = q.view(m, d, n).transpose(0, 1)  # (d, m, n): the sums below are batched over channels
-            ddelta[:, s:e] = torch.bmm(qd, A[:, :, None]).view(d, b, e - s).permute(1, 2, 0)  # Σ_n q A
-            dA_param += torch.bmm(qd.transpose(1, 2), dt[:, s:e].reshape(m, d).T[:, :, None]).squeeze(-1)  # Σ q Δ
+            if s > 0:
+                q[:, 0].mul_(h[:, s - 1])
+            else:
+                q[:, 0].zero_()  # h_{-1} = 0
+            qd = q.view(m, d, n).transpose(0, 1)  # (d, m, n): the sums below batch over channels
+            ddelta_chunk = torch.bmm(qd, A[:, :, None]).view(d, b, e - s)  # Σ_n q A
+            ddelta[:, s:e] = ddelta_chunk.permute(1, 2, 0)
+            dt_chunk = dt[:, s:e].reshape(m, d).T[:, :, None]  # (d, m, 1)
+            dA_param += torch.bmm(qd.transpose(1, 2), dt_chunk).squeeze(-1)  # Σ q Δ
         ddelta += d_du * ut
         du = d_du * dt  # (b, l, d)
-        back = lambda x: x.permute(0, 2, 3, 1)  # (b, l, g, n) -> (b, g, n, l)
-        return du.transpose(1, 2), ddelta.transpose(1, 2), dA_param, back(dB), back(dC.view(b, l, g, n))
+        dB = dB.permute(0, 2, 3, 1)  # (b, g, n, l)
+        dC = dC.view(b, l, g, n).permute(0, 2, 3, 1)  # (b, g, n, l)
+        return du.transpose(1, 2), ddelta.transpose(1, 2), dA_param, dB, dC
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
     """The fast pure-PyTorch scan: same signature and results as selective_scan_ref.
 
-    The l-step loop is one fused in-place multiply-add on (b, d, n) per step, with no autograd graph;
-    the contractions with C, B are batched matmuls; everything on (b, d, l) is plain autograd.
+    The l-step loop is one fused in-place multiply-add on (b, d, n) per step, with no autograd
+    graph; the contractions with C, B are batched matmuls; all on (b, d, l) is plain autograd.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     ft = torch.promote_types(u.dtype, torch.float32)
-    uf, delta = u.to(ft), delta.to(ft)
+    uf = u.to(ft)
+    delta = delta.to(ft)
     if delta_bias is not None:
         delta = delta + delta_bias.to(ft)[:, None]  # (b, d, l)
     if delta_softplus:
         delta = F.softplus(delta)
-    y, h_last = _ScanCore.apply(uf, delta, A.to(ft), _grouped(B).to(ft), _grouped(C).to(ft))
-    out = y if D is None else y + D.to(ft)[:, None] * uf  # (b, d, l)
+    B = _grouped(B).to(ft)
+    C = _grouped(C).to(ft)
+    y, h_last = _ScanCore.apply(uf, delta, A.to(ft), B, C)  # (b, d, l), (b, d, n)
+    if D is not None:
+        y = y + D.to(ft)[:, None] * uf
     if z is not None:
-        out = out * F.silu(z.to(ft))
-    out = out.to(u.dtype)
-    return (out, h_last) if return_last_state else out
+        y = y * F.silu(z.to(ft))
+    y = y.to(u.dtype)
+    return (y, h_last) if return_last_state else y
 
 
 # -----------------------------------------------------------------------------
-# The CUDA selective scan (scan_cuda.cu): build it once on first use, wrap it for autograd
+# The CUDA selective scan (scan_cuda.cu): built once on first use, wrapped for autograd
 
 _SCAN_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cuda.cu")
-_scan_ext, _scan_why = None, None  # the built module, or why there is none
+_scan_ext = None  # the built extension
+_scan_why = None  # or why there is none
 
 
 def _find_cuda_home():
-    """a CUDA toolkit folder with bin/nvcc and lib64/libcudart.so, or None"""
-    def is_toolkit(p):
-        libs = ("lib64", "lib", "targets/x86_64-linux/lib")
-        return p and os.path.isfile(os.path.join(p, "bin", "nvcc")) and any(
-            os.path.exists(os.path.join(p, lib, "libcudart.so")) for lib in libs)
-    found = []
+    """A CUDA toolkit folder holding bin/nvcc and libcudart.so, or None.
+
+    The nvcc on PATH may be a wrapper script that execs the real one (some machines put one in
+    /usr/local/bin), so the folders such a script names are tried too.
+    """
+    homes = []
     nvcc = shutil.which("nvcc")
     if nvcc:
         nvcc = os.path.realpath(nvcc)
-        found.append(os.path.dirname(os.path.dirname(nvcc)))
-        try:  # nvcc on PATH may be a wrapper script that execs the real one: read the path it names
-            with open(nvcc, "rb") as f:
-                head = f.read(4096)
-            if head.startswith(b"#!"):
-                found += [m.decode() for m in re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head)]
-        except OSError:
-            pass
-    found += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    return next((p for p in found if is_toolkit(p)), None)
+        homes.append(os.path.dirname(os.path.dirname(nvcc)))
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            homes += [m.decode() for m in re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head)]
+    homes.append("/usr/local/cuda")
+    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in homes:
+        libs = [os.path.join(home, lib, "libcudart.so") for lib in ("lib64", "lib")]
+        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and any(map(os.path.exists, libs)):
+            return home
+    return None
+
+
+def _build_kernel():
+    """Compile scan_cuda.cu for this GPU (or TORCH_CUDA_ARCH_LIST); torch caches the build."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")  # set it to build without a GPU, e.g. "9.0"
+    if not arch and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU")
+    arch = arch or "%d.%d" % torch.cuda.get_device_capability()
+    if not os.environ.get("CUDA_HOME"):
+        home = _find_cuda_home()
+        if home is None:
+            raise RuntimeError("no CUDA toolkit (bin/nvcc and libcudart.so) found; set CUDA_HOME")
+        log.info(f"CUDA_HOME is unset; building the CUDA scan with the toolkit in {home}")
+        os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch read CUDA_HOME when it was imported
+    name = "star_scan_sm" + re.sub(r"\W", "", arch.replace("+PTX", ""))  # one build per arch
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # what cpp_extension builds for
+    try:
+        return cpp_extension.load(name=name, sources=[_SCAN_CU], extra_cuda_cflags=["-O3"])
+    finally:
+        if given is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
 
 
 def _cuda_kernel():
-    """build (first time, ~30-60 s) and load scan_cuda.cu for this GPU; returns (module, None) or (None, reason)"""
+    """(the built scan_cuda.cu, None), or (None, why it cannot be built); built once per process."""
     global _scan_ext, _scan_why
-    if _scan_ext is not None or _scan_why is not None:
-        return _scan_ext, _scan_why
-    try:
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")  # set it to build without a GPU (e.g. "9.0")
-        if not arch:
-            if not torch.cuda.is_available():
-                raise RuntimeError("no CUDA GPU")
-            arch = "%d.%d" % torch.cuda.get_device_capability()
-        if not os.environ.get("CUDA_HOME"):
-            # torch guesses the toolkit from the nvcc on PATH, which may be a wrapper in /usr/local/bin
-            home = _find_cuda_home()
-            if home is None:
-                raise RuntimeError("no CUDA toolkit (bin/nvcc and lib64/libcudart.so) found; set CUDA_HOME")
-            log.info(f"CUDA_HOME is unset; building the CUDA scan with the toolkit in {home}")
-            os.environ["CUDA_HOME"] = home
-        import torch.utils.cpp_extension as cpp_extension
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch read CUDA_HOME when it was imported
-        old_arch, os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST"), arch
-        try:  # one build per GPU architecture, cached in torch's extension folder
-            _scan_ext = cpp_extension.load(name="star_scan_sm" + re.sub(r"\W", "", arch.replace("+PTX", "")),
-                                           sources=[_SCAN_CU], extra_cuda_cflags=["-O3"], verbose=False)
-        finally:
-            if old_arch is None:
-                del os.environ["TORCH_CUDA_ARCH_LIST"]
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
-    except Exception as e:  # any failure: star.py falls back to the PyTorch scan
-        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        _scan_why = f"{type(e).__name__}: {lines[0][:200]}"
+    if _scan_ext is None and _scan_why is None:
+        try:
+            _scan_ext = _build_kernel()
+        except Exception as e:  # any failure: star.py falls back to the PyTorch scan
+            first = next((line for line in str(e).splitlines() if line.strip()), "")
+            _scan_why = f"{type(e).__name__}: {first[:200]}"
     return _scan_ext, _scan_why
 
 
-# the kernels as torch.library ops, so that torch.compile sees through _CudaScan (the ops stay opaque)
+# the kernels as torch.library ops, so torch.compile sees through _CudaScan (the ops stay opaque)
 @torch.library.custom_op("star::scan_fwd", mutates_args=())
-def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-              delta_softplus: bool, save_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+              delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+              save_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # out (b, d, l); the states after each 64-step tile (b, d, ceil(l / 64), n), or only the last
     out, ckpt = _cuda_kernel()[0].fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all)
-    return out, ckpt  # (b, d, l), (b, d, ceil(l / 64) or 1, n) states after each 64-step tile
+    return out, ckpt
 
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all):
     b, d, l = u.shape
-    return torch.empty_like(u), u.new_empty((b, d, -(-l // 64) if save_all else 1, A.shape[1]), dtype=torch.float32)
+    tiles = -(-l // 64) if save_all else 1
+    return torch.empty_like(u), u.new_empty((b, d, tiles, A.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("star::scan_bwd", mutates_args=())
-def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-              delta_softplus: bool, dout: torch.Tensor, ckpt: torch.Tensor,
-              dlast: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    # du, ddelta, dA, dB, dC, dD, dz (empty without z), ddelta_bias; dB, dC are (b, g, n, l rounded up to 64)
-    return _cuda_kernel()[0].bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast)
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+              delta_bias: Optional[torch.Tensor], delta_softplus: bool, dout: torch.Tensor,
+              ckpt: torch.Tensor, dlast: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    # du, ddelta, dA, dB, dC, dD, dz (empty without z), ddelta_bias; dB, dC (b, g, n, l rounded up)
+    ext = _cuda_kernel()[0]
+    return ext.bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast)
 
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast):
-    f32 = dict(dtype=torch.float32)
-    dB = B.new_empty((*B.shape[:3], ckpt.shape[2] * 64), **f32)
+    dB = B.new_empty((*B.shape[:3], ckpt.shape[2] * 64), dtype=torch.float32)
+    d_param = u.new_empty(u.shape[1], dtype=torch.float32)  # dD, ddelta_bias: (d,)
+    dz = torch.empty_like(u) if z is not None else u.new_empty(0)
     return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), dB, torch.empty_like(dB),
-            u.new_empty(u.shape[1], **f32), torch.empty_like(u) if z is not None else u.new_empty(0),
-            u.new_empty(u.shape[1], **f32)]
+            d_param, dz, torch.empty_like(d_param)]
+
+
+def _f32(t):
+    """A small parameter (A, B, C, D, Δ bias) as the kernels read it: contiguous float32."""
+    return None if t is None else t.float().contiguous()
 
 
 class _CudaScan(torch.autograd.Function):
-    """selective_scan_ref's function on the fused kernels; the backward recomputes the states"""
+    """selective_scan_ref's function on the fused kernels; the backward recomputes the states."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        ctx.B_meta, ctx.C_meta = (B.shape, B.dtype), (C.shape, C.dtype)
-        # the kernels take float32 parameters and grouped (b, g, n, l) B and C: all small
-        f32 = lambda t: None if t is None else t.float().contiguous()
-        A, D, delta_bias = f32(A), f32(D), f32(delta_bias)
-        B, C = (f32(t.unsqueeze(1) if t.dim() == 3 else t) for t in (B, C))  # (b, g, n, l)
-        u, delta = u.contiguous(), delta.contiguous()  # (b, d, l)
+        ctx.B_meta = (B.shape, B.dtype)
+        ctx.C_meta = (C.shape, C.dtype)
+        ctx.delta_softplus = delta_softplus
+        B = _f32(_grouped(B))  # (b, g, n, l)
+        C = _f32(_grouped(C))  # (b, g, n, l)
+        u = u.contiguous()  # (b, d, l)
+        delta = delta.contiguous()  # (b, d, l)
         z = None if z is None else z.contiguous()  # (b, d, l)
-        save_all = any(ctx.needs_input_grad[:8])
-        out, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all)
+        args = (u, delta, _f32(A), B, C, _f32(D), z, _f32(delta_bias), delta_softplus)
+        save_all = any(ctx.needs_input_grad[:8])  # keep the tile states only for a backward
+        out, ckpt = _scan_fwd(*args, save_all)
         if save_all:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-            ctx.delta_softplus = delta_softplus
-        return (out, ckpt[:, :, -1].clone()) if return_last_state else out  # last state: (b, d, n)
+            ctx.save_for_backward(*args[:8], ckpt)
+        if return_last_state:
+            return out, ckpt[:, :, -1].clone()  # last state: (b, d, n)
+        return out
 
     @staticmethod
     def backward(ctx, dout, dlast=None):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         dout = dout.to(u.dtype).contiguous()  # (b, d, l)
         dlast = None if dlast is None else dlast.float().contiguous()  # (b, d, n)
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout, ckpt, dlast)
+        softplus = ctx.delta_softplus
+        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, dout, ckpt, dlast)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = grads
         l = u.shape[2]
-        dB, dC = (g[..., :l].reshape(shape).to(dtype) for g, (shape, dtype) in ((dB, ctx.B_meta), (dC, ctx.C_meta)))
-        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-                ddelta_bias if delta_bias is not None else None, None, None)
+        dB = dB[..., :l].reshape(ctx.B_meta[0]).to(ctx.B_meta[1])  # B's own shape and dtype
+        dC = dC[..., :l].reshape(ctx.C_meta[0]).to(ctx.C_meta[1])
+        dD = dD if D is not None else None
+        dz = dz if z is not None else None
+        ddelta_bias = ddelta_bias if delta_bias is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
-    """
-    selective_scan_ref on the CUDA kernels of scan_cuda.cu (call _cuda_kernel() first).
-    u, delta, z: (b, d, l); A: (d, n), n <= 64; B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,)
-    returns out (b, d, l) in u's dtype, and last_state (b, d, n) float32 if return_last_state.
-    Official implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py, selective_scan_fn.
-    Unlike the official kernel, the gradient of last_state flows back too.
+    """selective_scan_ref on the CUDA kernels of scan_cuda.cu (call _cuda_kernel() first).
+
+    u, delta, z: (b, d, l); A: (d, n), n <= 64; B, C: (b, n, l) or (b, g, n, l); D, delta_bias (d,).
+    Returns out (b, d, l) in u's dtype, and the last state (b, d, n) float32 if return_last_state.
+    Official implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py,
+    selective_scan_fn. Unlike the official kernel, the gradient of the last state flows back too.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)  # the same errors as the other scans
     if not 1 <= A.shape[1] <= 64:
@@ -349,40 +401,42 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     return _CudaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-_backend_logged = set()
-
-
 def _scan_backend(u, delta, z):
-    """The backend that runs: STAR_SCAN=auto (default) takes the CUDA kernel for GPU inputs where it builds."""
+    """Which scan runs, and why. STAR_SCAN=auto (the default) takes the CUDA kernel for GPU inputs
+    where it builds, else the PyTorch scan; STAR_SCAN=cuda, torch or ref forces one."""
     choice = os.environ.get("STAR_SCAN", "auto")
     if choice not in ("auto", "cuda", "torch", "ref"):
         raise ValueError(f"STAR_SCAN must be one of auto, cuda, torch, ref; got {choice!r}")
-    backend, why = choice, "asked for by STAR_SCAN"
-    if choice in ("auto", "cuda"):
-        if not u.is_cuda:
-            kernel, reason = None, "the inputs are on the CPU"
-        elif u.dtype not in (torch.float32, torch.bfloat16, torch.float16) or delta.dtype != u.dtype or (
-                z is not None and z.dtype != u.dtype):
-            kernel, reason = None, "the kernel takes u, delta, z of one dtype: float32, bfloat16 or float16"
-        else:
-            kernel, reason = _cuda_kernel()
-        if kernel is None and choice == "cuda":
-            raise RuntimeError(f"STAR_SCAN=cuda, but the CUDA scan cannot run: {reason}")
-        if kernel is None and u.is_cuda:
-            warnings.warn(f"star: CUDA scan unavailable ({reason}); using the slower PyTorch scan")
-        backend, why = ("cuda", "GPU inputs") if kernel is not None else ("torch", reason)
-    if backend not in _backend_logged:
-        _backend_logged.add(backend)
-        log.info(f"selective scan backend: {backend} ({why})")
-    return backend
+    if choice in ("torch", "ref"):
+        return choice, "asked for by STAR_SCAN"
+    dtypes = {t.dtype for t in (u, delta, z) if t is not None}
+    if not u.is_cuda:
+        why_not = "the inputs are on the CPU"
+    elif len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+        why_not = "the kernel takes u, delta, z of one dtype: float32, bfloat16 or float16"
+    else:
+        why_not = _cuda_kernel()[1]
+    if why_not is None:
+        return "cuda", "GPU inputs"
+    if choice == "cuda":
+        raise RuntimeError(f"STAR_SCAN=cuda, but the CUDA scan cannot run: {why_not}")
+    return "torch", why_not
+
+
+_backend_logged = set()
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
-    """The scan the model calls: the CUDA kernel on a GPU, else the PyTorch scan (see _scan_backend)."""
-    backend = _scan_backend(u, delta, z)
-    fn = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}[backend]
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """The scan the model calls: the CUDA kernel on a GPU, else the PyTorch scan (_scan_backend)."""
+    backend, why = _scan_backend(u, delta, z)
+    if backend not in _backend_logged:  # once per backend: one line, a warning if a GPU goes slow
+        _backend_logged.add(backend)
+        slow = backend == "torch" and u.is_cuda
+        log.log(logging.WARNING if slow else logging.INFO, f"selective scan: {backend} ({why})")
+    scan = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}
+    return scan[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
 
 # -----------------------------------------------------------------------------
 # The model
