@@ -538,6 +538,8 @@ def save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env)
                 "losses": state["losses"], "history": state["history"]}
         torch.save(ckpt, path + ".tmp")
         os.replace(path + ".tmp", path)
+    if env.ddp:
+        dist.barrier()  # no rank reads the file (the next phase's --init) before it is written
 
 
 def restore(path, model, optimizer, scaler, gen, env):

@@ -248,8 +248,10 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_two_processes_match_one(tmp_path):
-    """DDP (gloo on CPUs): 2 processes at the same global batch give the loss curve of 1."""
-    common = [*SMALL, "--mode", "pretrain", "--pretrain_epochs", "1", "--device", "cpu"]
+    """DDP (gloo on CPUs): 2 processes at the same global batch give the loss curve of 1, and
+    the finetuning phase reads the pretraining checkpoint only once rank 0 has written it."""
+    common = [*SMALL, "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false",
+              "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "one"), *common], cwd=ROOT, env=env,
                    check=True, capture_output=True)
@@ -261,6 +263,7 @@ def test_two_processes_match_one(tmp_path):
         for key in ("loss", "test_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5 * abs(a[key]), (key, a[key], b[key])
+    assert "finetune_acc" in two[-1]["summary"]
 
 
 def test_cifar10_table_script_runs_every_row(tmp_path):
