@@ -733,8 +733,8 @@ def loss_by_slot(model, data, args, env):
         dist.all_reduce(sums)
     rows = model.loss_by_slot(sums / (len(data.x_test) // K))
     got = {(r["slot"], r["part"]): r for r in rows}
-    lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}; "
-             f"targets a sequence in brackets)",
+    lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
+             f"targets per sequence in parentheses:",
              "  slot  first cluster     other clusters"]
     for k in range(1, K + 1):
         cells = [f"{got[k, p]['loss']:.4f} ({got[k, p]['targets']})" if (k, p) in got else "-"
