@@ -15,7 +15,7 @@ Glossary (code name -> paper symbol)
   D          skip connection u -> y                    z   gate: y * silu(z)
   u          scan input (after the causal conv)        h   state, (b, d, n) at every step
   patch      p x p pixels, one token                   cluster  c x c neighbouring patches, predicted together
-  separator  the learnable tokens before every image   K   images packed into one sequence
+  separator  one learned vector before every image      K   images packed into one sequence
 
 The file reads bottom-up: the selective scan (reference, fast PyTorch fallback, CUDA loader), the Mamba mixer,
 the MambaMLP block, the Vision Mamba encoder, separator packing, the next-cluster objective, the pretraining

@@ -707,7 +707,7 @@ def evaluate_checkpoint(data, args, env):
     data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
     result = {"phase": "eval", "checkpoint": args.init, **evaluate(model, data, args, env)}
     if ckpt["phase"] == "pretrain":
-        result |= loss_by_slot(model, data, args, env)
+        result |= evaluate_by_slot(model, data, args, env)
         if env.master:
             sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
     log_line(result, args, env)
@@ -715,7 +715,7 @@ def evaluate_checkpoint(data, args, env):
 
 
 @torch.no_grad()
-def loss_by_slot(model, data, args, env):
+def evaluate_by_slot(model, data, args, env):
     """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
     where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
     K = model.cfg.images_per_seq
@@ -724,8 +724,8 @@ def loss_by_slot(model, data, args, env):
     sums = torch.zeros(len(model.target), device=env.device, dtype=torch.float64)  # (Q,)
     model.eval()
     for s in range(lo, hi, bs):
+        x = normalize(data.x_test[s:min(s + bs, hi)], data)
         with autocast(env):
-            x = normalize(data.x_test[s:min(s + bs, hi)], data)
             pred, true = model.predict(x)  # (b/K, Q, p*p*C) each
         sums += star.next_cluster_loss(pred, true, per_target=True).double().sum(0)  # (Q,)
     model.train()
