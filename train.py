@@ -731,7 +731,7 @@ def evaluate_by_slot(model, data, args, env):
     model.train()
     if env.ddp:
         dist.all_reduce(sums)
-    rows = model.loss_by_slot(sums / (len(data.x_test) // K))
+    rows = model.loss_by_slot(sums / max(len(data.x_test) // K, 1))
     got = {(r["slot"], r["part"]): r for r in rows}
     lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
              f"targets per sequence in parentheses:",
