@@ -23,7 +23,7 @@ Glossary (code name -> paper symbol)
   h          state, (b, d, n) at every step
   patch      p x p pixels, one token
   cluster    c x c neighbouring patches, predicted together
-  separator  the learnable tokens before every image
+  separator  one learned vector, repeated, before every image
   K          images packed into one sequence
   dirs       scan directions of a mixer: 1 when pretraining (causal), 4 when finetuning
 
@@ -458,8 +458,8 @@ class StarConfig:
     mlp_ratio: float = 8 / 3     # SwiGLU hidden width / model width
     dec_width: int = 192         # ARM's decoder: cross-attention only (ARM-B uses 512)
     dec_depth: int = 4
-    dec_heads: int = 6
-    taps: int = 4                # evenly spaced encoder layers whose features the decoder reads
+    dec_heads: int = 3           # ARM's heads are 64 wide: dec_width // 64
+    taps: int = 4                # encoder layers the decoder reads, in the upper half (ARM)
     num_classes: int = 10
     scan_dirs: int = 4           # classifier scans: 4 = rows and columns both ways (ARM), 2 = Vim's, 1 = causal
     drop_path: float = 0.0       # stochastic depth at the last block (linearly less before it)
@@ -475,9 +475,13 @@ class StarConfig:
             raise ValueError(f"separator must be 'none', 'token' or 'cluster', got {self.separator!r}")
         if self.scan_dirs not in (1, 2, 4):
             raise ValueError(f"scan_dirs must be 1, 2 or 4, got {self.scan_dirs}")
-        if not 1 <= self.taps <= self.depth or self.dec_width % self.dec_heads:
-            raise ValueError(f"need 1 <= taps <= depth and dec_width divisible by dec_heads, got taps={self.taps}"
-                             f", depth={self.depth}, dec_width={self.dec_width}, dec_heads={self.dec_heads}")
+        if not 1 <= self.taps <= self.depth // 2 + 1:
+            raise ValueError(f"taps must be 1 to depth // 2 + 1 = {self.depth // 2 + 1}: the "
+                             f"decoder reads distinct layers of the encoder's upper half; got "
+                             f"taps={self.taps}, depth={self.depth}")
+        if self.dec_width % self.dec_heads:
+            raise ValueError(f"dec_width must be divisible by dec_heads, got "
+                             f"dec_width={self.dec_width}, dec_heads={self.dec_heads}")
 
     grid = property(lambda self: self.img_size // self.patch)                   # patches per side
     num_patches = property(lambda self: self.grid ** 2)                          # N tokens per image
@@ -710,13 +714,16 @@ def next_cluster_targets(cfg):
     return target, visible[target]
 
 
-def next_cluster_loss(pred, patches, eps=1e-6):
+def next_cluster_loss(pred, patches, eps=1e-6, per_target=False):
     """MSE between predictions and per-patch normalised pixels (each patch minus its mean, over its std).
 
-    pred, patches (..., p*p*C).
+    pred, patches (..., p*p*C). Returns the mean, or with per_target the MSE of every target (...).
     """
     mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-    return F.mse_loss(pred.float(), ((patches - mean) / (var + eps).sqrt()).float())
+    norm = ((patches - mean) / (var + eps).sqrt()).float()  # (..., p*p*C)
+    if per_target:
+        return F.mse_loss(pred.float(), norm, reduction="none").mean(-1)  # (...,)
+    return F.mse_loss(pred.float(), norm)
 
 
 class CrossBlock(nn.Module):
@@ -725,16 +732,25 @@ class CrossBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.norm_q, self.norm_kv, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
-        self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
+    def _split_heads(self, t):
+        b, length, _ = t.shape
+        return t.view(b, length, self.heads, -1).transpose(1, 2)  # (b, heads, length, e/heads)
+
     def forward(self, x, mem, visible):
-        """x (b, Q, e) queries; mem (b, L, e) encoder features; visible (Q, L) bool."""
+        """x (b, Q, e) queries; mem (b, L, e) this layer's encoder features; visible (Q, L) bool."""
         b, nq, e = x.shape
-        heads = lambda t: t.view(b, -1, self.heads, e // self.heads).transpose(1, 2)  # (b, heads, ., e/heads)
-        q = heads(self.q(self.norm_q(x)))
-        k, v = map(heads, self.kv(self.norm_kv(mem)).chunk(2, dim=-1))
+        q = self._split_heads(self.q(self.norm_q(x)))  # (b, heads, Q, e/heads)
+        k, v = self.kv(self.norm_kv(mem)).chunk(2, dim=-1)  # (b, L, e) each
+        k = self._split_heads(k)  # (b, heads, L, e/heads)
+        v = self._split_heads(v)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (b, heads, Q, e/heads)
         x = x + self.proj(att.transpose(1, 2).reshape(b, nq, e))
         return x + self.mlp(self.norm2(x))
@@ -766,11 +782,18 @@ class StarPretrain(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = VisionMamba(cfg, dirs=1)
-        self.separator = nn.Parameter(torch.zeros(cfg.sep_len, cfg.width))  # (s, width), the same before every image
+        # one learnable vector (1, width), repeated sep_len times before every image
+        # ((0, width) when there is no separator)
+        self.separator = nn.Parameter(torch.zeros(min(cfg.sep_len, 1), cfg.width))
         nn.init.trunc_normal_(self.separator, std=0.02)
-        self.taps_at = [(i + 1) * cfg.depth // cfg.taps - 1 for i in range(cfg.taps)]  # evenly spaced, last included
+        # ARM's taps: evenly spaced over the encoder's upper half, the last block included
+        # (blocks 6, 8, 10, 12 of 12; 12, 16, 20, 24 of 24); 0-based indices here
+        half = cfg.depth // 2
+        gaps = max(cfg.taps - 1, 1)
+        self.taps_at = [cfg.depth - 1 - half * (cfg.taps - 1 - i) // gaps for i in range(cfg.taps)]
         self.tap_norms = nn.ModuleList(nn.LayerNorm(cfg.width) for _ in self.taps_at)
-        self.tap_proj = nn.Linear(cfg.taps * cfg.width, cfg.dec_width)
+        # one projection of the tapped features, split so each decoder layer reads its own (ARM)
+        self.tap_proj = nn.Linear(cfg.taps * cfg.width, cfg.dec_depth * cfg.dec_width)
         self.query = nn.Parameter(torch.zeros(1, 1, cfg.dec_width))  # one shared query, plus the target's position
         nn.init.trunc_normal_(self.query, std=0.02)
         self.dec_blocks = nn.ModuleList(CrossBlock(cfg.dec_width, cfg.dec_heads) for _ in range(cfg.dec_depth))
@@ -795,18 +818,40 @@ class StarPretrain(nn.Module):
         K = cfg.images_per_seq
         patches = patchify(imgs, cfg.patch)[:, self.order]  # (b, N, p*p*C) in sequence order
         tokens = self.encoder.embed(patchify(imgs, cfg.patch))[:, self.order]  # (b, N, width)
-        seq = pack_with_separators(tokens, self.separator, K)  # (b/K, L, width)
+        separator = self.separator.expand(cfg.sep_len, -1)  # (s, width): one vector, s times
+        seq = pack_with_separators(tokens, separator, K)  # (b/K, L, width)
         feats = self.encoder(seq, taps_at=self.taps_at)  # taps x (b/K, L, width)
-        mem = self.tap_proj(torch.cat([norm(f) for norm, f in zip(self.tap_norms, feats)], dim=-1))  # (b/K, L, e)
-        x = (self.query + self.dec_pos).expand(mem.shape[0], -1, -1)  # (b/K, Q, e)
-        for block in self.dec_blocks:
+        tapped = torch.cat([n(f) for n, f in zip(self.tap_norms, feats)], dim=-1)  # (b/K, L, t*w)
+        mems = self.tap_proj(tapped).chunk(cfg.dec_depth, dim=-1)  # dec_depth x (b/K, L, e)
+        x = (self.query + self.dec_pos).expand(seq.shape[0], -1, -1)  # (b/K, Q, e)
+        for block, mem in zip(self.dec_blocks, mems):
             x = block(x, mem, self.visible)
         pred = self.dec_head(self.dec_norm(x))  # (b/K, Q, p*p*C)
-        return pred, patches.reshape(mem.shape[0], -1, cfg.patch_dim)[:, self.target]
+        return pred, patches.reshape(seq.shape[0], -1, cfg.patch_dim)[:, self.target]
 
     def forward(self, imgs):
         """The STAR loss of a batch of images (b, C, H, W)."""
         return next_cluster_loss(*self.predict(imgs))
+
+    def loss_by_slot(self, target_loss):
+        """The loss by image slot in the sequence (1..K) and cluster: an image's first, or the rest.
+
+        target_loss (Q,): the loss of every target, e.g. next_cluster_loss(..., per_target=True)
+        averaged over sequences. Returns a row dict(slot, part "first" or "rest", targets, loss) for
+        every part that has targets; their mean weighted by targets is target_loss's mean. Without a
+        separator, slot 1 has no "first" part: nothing comes before it.
+        """
+        cfg = self.cfg
+        slot = self.target // cfg.num_patches + 1  # (Q,)
+        first = self.target % cfg.num_patches < cfg.cluster ** 2  # (Q,): in the first cluster
+        rows = []
+        for k in range(1, cfg.images_per_seq + 1):
+            for part, where in (("first", first), ("rest", ~first)):
+                sel = (slot == k) & where  # (Q,)
+                if sel.any():
+                    loss = target_loss[sel].mean().item()
+                    rows.append(dict(slot=k, part=part, targets=int(sel.sum()), loss=loss))
+        return rows
 
     def predicted_images(self, imgs):
         """The teacher-forced predictions as images (b, C, H, W), each patch shown with its true mean and std.
@@ -867,17 +912,18 @@ class StarClassifier(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Presets. Parameters of the classifier (four-way scans) / of the pretraining model (with the decoder):
-#   tiny   35,582 / 52,308        tests in seconds on a CPU; 16 tokens an image, K=2
-#   cifar  5,629,642 / 7,022,064  32 px, patch 4, clusters of 2x2, K=4: 4 x (4 + 64) = 272 tokens
-#   base   84,879,592 / 94,535,168  STAR-B: 192 px, patch 16, clusters of 4x4, K=4: 4 x (16 + 144) = 640 tokens;
-#          ARM-B has about 85M as a finetuned classifier (finetuning at 224 px changes no parameter count)
+#   tiny   35,582 / 52,212        tests in seconds on a CPU; 16 tokens an image, K=2
+#   cifar  5,629,642 / 7,464,432  32 px, patch 4, clusters of 2x2, K=4: 4 x (4 + 64) = 272 tokens
+#   base   84,879,592 / 99,243,776  STAR-B: 192 px, patch 16, clusters of 4x4, K=4:
+#          4 x (16 + 144) = 640 tokens; ARM-B has about 85M as a finetuned classifier
+#          (finetuning at 224 px changes no parameter count)
 
 PRESETS = {
     "tiny": StarConfig(img_size=32, patch=8, cluster=2, width=32, depth=2, d_state=4, dec_width=32,
-                       dec_depth=1, dec_heads=2, taps=2, images_per_seq=2),
+                       dec_depth=1, dec_heads=2, taps=2, images_per_seq=2),  # tiny heads: 16 wide
     "cifar": StarConfig(),
-    "base": StarConfig(img_size=192, patch=16, cluster=4, width=768, depth=12, dec_width=512, dec_heads=16,
-                       num_classes=1000),
+    "base": StarConfig(img_size=192, patch=16, cluster=4, width=768, depth=12, dec_width=512,
+                       dec_heads=8, num_classes=1000),
 }
 
 

@@ -65,6 +65,7 @@ class Args:
     warmup_epochs: float = 1.0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
     weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
+    clip_grad: float = 3.0        # pretraining only: clip the gradient norm (ARM: 3.0); 0 = off
     # finetuning (and probing), single images, four-way scans
     finetune_epochs: int = 10
     ft_lr: float = 5e-3           # at batch 256
@@ -614,6 +615,9 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
                     if classify else out
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if not classify and args.clip_grad > 0:  # ARM clips pretraining, not finetuning
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
                 losses[i] = loss.detach()
@@ -724,10 +728,43 @@ def evaluate_checkpoint(data, args, env):
     model.load_state_dict(ckpt["model"])
     data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
     result = {"phase": "eval", "checkpoint": args.init, **evaluate(model, data, args, env)}
-    if ckpt["phase"] == "pretrain" and env.master:
-        sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
+    if ckpt["phase"] == "pretrain":
+        result |= evaluate_by_slot(model, data, args, env)
+        if env.master:
+            sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
     log_line(result, args, env)
     return result
+
+
+@torch.no_grad()
+def evaluate_by_slot(model, data, args, env):
+    """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
+    where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
+    K = model.cfg.images_per_seq
+    lo, hi = _chunks(len(data.x_test), K, env)
+    bs = max(args.batch_size // K * K, K)
+    sums = torch.zeros(len(model.target), device=env.device, dtype=torch.float64)  # (Q,)
+    model.eval()
+    for s in range(lo, hi, bs):
+        x = normalize(data.x_test[s:min(s + bs, hi)], data)
+        with autocast(env):
+            pred, true = model.predict(x)  # (b/K, Q, p*p*C) each
+        sums += star.next_cluster_loss(pred, true, per_target=True).double().sum(0)  # (Q,)
+    model.train()
+    if env.ddp:
+        dist.all_reduce(sums)
+    rows = model.loss_by_slot(sums / max(len(data.x_test) // K, 1))
+    got = {(r["slot"], r["part"]): r for r in rows}
+    lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
+             f"targets per sequence in parentheses:",
+             "  slot  first cluster     other clusters"]
+    for k in range(1, K + 1):
+        cells = [f"{got[k, p]['loss']:.4f} ({got[k, p]['targets']})" if (k, p) in got else "-"
+                 for p in ("first", "rest")]
+        lines.append(f"  {k:4d}  {cells[0]:<16s}  {cells[1]}")
+    if env.master:
+        print("\n".join(lines), flush=True)
+    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
 
 
 def run(args, env):

@@ -80,6 +80,65 @@ def test_separator_gets_gradient_only_when_present():
     assert star.StarPretrain(tiny(separator="none")).separator.numel() == 0
 
 
+def test_token_and_cluster_separators_differ_in_length_only():
+    # one learnable vector, repeated: the same weights run as a one-token or a whole-cluster separator
+    torch.manual_seed(0)
+    token = star.StarPretrain(tiny(separator="token"))
+    cluster = star.StarPretrain(tiny(separator="cluster"))
+    assert token.separator.shape == cluster.separator.shape == (1, tiny().width)
+    cluster.load_state_dict(token.state_dict())  # strict: every key and shape agrees
+    seen = []
+    cluster.encoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    cluster(images(tiny(), 2).float())
+    s = cluster.cfg.sep_len
+    assert s == 4 and torch.equal(seen[0][:, :s], token.separator.expand(1, s, -1))
+
+
+@pytest.mark.parametrize("depth, taps, blocks", [(12, 4, [6, 8, 10, 12]), (24, 4, [12, 16, 20, 24]),
+                                                 (2, 2, [1, 2]), (12, 1, [12]), (5, 3, [3, 4, 5])])
+def test_taps_are_spread_over_the_upper_half_as_in_arm(depth, taps, blocks):
+    cfg = tiny(depth=depth, taps=taps)
+    assert [i + 1 for i in star.StarPretrain(cfg).taps_at] == blocks  # 1-based, as ARM counts
+    with pytest.raises(ValueError, match="taps must be 1 to depth // 2 \\+ 1"):
+        tiny(depth=depth, taps=depth // 2 + 2)
+
+
+def test_each_decoder_layer_reads_its_own_memory():
+    torch.manual_seed(0)
+    model = star.StarPretrain(tiny(dec_depth=3))
+    projected, mems = [], []
+    model.tap_proj.register_forward_hook(lambda m, args, out: projected.append(out))
+    for block in model.dec_blocks:
+        block.register_forward_pre_hook(lambda m, args: mems.append(args[1]))
+    model(images(tiny(), 2).float())
+    chunks = projected[0].chunk(3, dim=-1)  # (b/K, L, dec_width) each
+    assert projected[0].shape[-1] == 3 * model.cfg.dec_width
+    for i in range(3):
+        assert torch.equal(mems[i], chunks[i]), f"decoder layer {i} does not read chunk {i}"
+    assert not torch.allclose(mems[0], mems[1])
+
+
+@pytest.mark.parametrize("separator", ["cluster", "token", "none"])
+def test_loss_by_slot_parts_add_up_to_the_loss(separator):
+    torch.manual_seed(0)
+    cfg = tiny(separator=separator, images_per_seq=3)
+    model = star.StarPretrain(cfg).double()
+    x = images(cfg, 6)
+    per_target = star.next_cluster_loss(*model.predict(x), per_target=True)  # (2, Q)
+    torch.testing.assert_close(per_target.mean(), model(x))
+    rows = model.loss_by_slot(per_target.mean(0))
+    cc, N = cfg.cluster ** 2, cfg.num_patches
+    want = [(k, part, n) for k in (1, 2, 3) for part, n in (("first", cc), ("rest", N - cc))]
+    if separator == "none":
+        want = want[1:]  # nothing comes before the first cluster of slot 1: no target
+    assert [(r["slot"], r["part"], r["targets"]) for r in rows] == want
+    total = sum(r["loss"] * r["targets"] for r in rows) / sum(r["targets"] for r in rows)
+    assert abs(total / model(x).item() - 1) < 1e-6  # the loss is float32
+    # each part is the mean over its own targets: slot 2's first cluster follows slot 1's targets
+    start = N - (cc if separator == "none" else 0)
+    assert abs(rows[-4]["loss"] / per_target[:, start:start + cc].mean().item() - 1) < 1e-6
+
+
 def test_recurrent_step_equals_parallel_forward():
     torch.manual_seed(0)
     cfg = tiny(width=16, d_state=8)
@@ -139,12 +198,16 @@ def test_several_directions_without_orders_is_an_error():
 
 
 def test_preset_parameter_counts():
-    cifar = star.count_params(star.StarClassifier(star.make_config("cifar")))
-    assert 5.5e6 <= cifar <= 6.0e6, cifar
-    base = star.count_params(star.StarClassifier(star.make_config("base")))
-    assert abs(base / 85e6 - 1) <= 0.03, base  # ARM-B as finetuned: about 85M
-    assert star.count_params(star.StarClassifier(star.make_config("tiny"))) < 100_000
+    # the counts in the comment above star.PRESETS: classifier / pretraining model
+    counts = {"tiny": (35_582, 52_212), "cifar": (5_629_642, 7_464_432), "base": (84_879_592, 99_243_776)}
+    for name, want in counts.items():
+        cfg = star.make_config(name)
+        got = (star.count_params(star.StarClassifier(cfg)), star.count_params(star.StarPretrain(cfg)))
+        assert got == want, (name, got)
+    assert abs(counts["base"][0] / 85e6 - 1) <= 0.03  # ARM-B as finetuned: about 85M
     assert star.make_config("base").seq_len == 640 and star.make_config("cifar").seq_len == 272
+    for name in ("cifar", "base"):  # ARM's decoder heads are 64 wide
+        assert star.make_config(name).dec_width // star.make_config(name).dec_heads == 64
 
 
 def test_a_few_steps_drive_the_loss_down():

@@ -232,6 +232,38 @@ def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path):
         run(tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"), "--data", f"npz:{tmp_path}/g.npz")
 
 
+def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, tmp_path, capsys):
+    out, summary = default_run
+    result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "pretrain.pt"))
+    assert result["test_loss"] == summary["ar_loss_after"]
+    parts = {k: v for k, v in result.items() if k.startswith("loss_slot")}
+    assert sorted(parts) == ["loss_slot1_first", "loss_slot1_rest", "loss_slot2_first", "loss_slot2_rest"]
+    # tiny: K=2 images of 16 patches, first clusters of 4; the parts weighted by their targets
+    firsts = parts["loss_slot1_first"] + parts["loss_slot2_first"]
+    rests = parts["loss_slot1_rest"] + parts["loss_slot2_rest"]
+    assert abs((4 * firsts + 12 * rests) / 32 / result["test_loss"] - 1) < 1e-5
+    assert {k: records(tmp_path / "e")[-1][k] for k in parts} == parts
+    assert "AR test loss by image slot" in capsys.readouterr().out
+
+
+def test_pretraining_clips_the_gradient_norm_and_finetuning_does_not(tmp_path, monkeypatch):
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm, *a, **k):
+        calls.append(max_norm)
+        return clip(params, max_norm, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false")
+    assert calls == [3.0] * (96 // 16)  # every pretraining step, no finetuning step
+    # gradients clipped to almost nothing shrink AdamW's steps (against its eps): the clip acts on the step
+    run(tmp_path / "c", "--mode", "pretrain", "--pretrain_epochs", "1", "--clip_grad", "1e-12")
+
+    def moved(name):  # how far one epoch moved the AR test loss
+        before, after = [r["test_loss"] for r in records(tmp_path / name) if r.get("phase") == "pretrain"]
+        return abs(after - before)
+    assert moved("c") < moved("r") / 100, (moved("c"), moved("r"))
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     loss, calls = star.next_cluster_loss, {"n": 0}
 
