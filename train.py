@@ -113,7 +113,7 @@ def field_help(cls):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description="STAR pretraining and finetuning; the knobs are at the top of train.py",
+    p = argparse.ArgumentParser("train.py", description="STAR pretraining and finetuning; the knobs are at the top",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(Args)
     choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS)}
@@ -167,7 +167,8 @@ def check_args(args):
     for flag, named in (("data", ("synthetic", "cifar10", "cifar100")), ("test_data", ())):
         spec = getattr(args, flag)
         if spec and spec not in named and not spec.startswith(("npz:", "folder:")):
-            hint = f"; for a file or folder write npz:{spec} or folder:{spec}" if os.path.exists(spec) else ""
+            hint = f"; for this file write npz:{spec}" if os.path.isfile(spec) else \
+                f"; for this folder write folder:{spec}" if os.path.isdir(spec) else ""
             raise UserError(f"unknown --{flag} {spec!r}; choose one of "
                             f"{DATASETS if named else 'npz:GLOB, folder:PATH'}{hint}")
     if args.init and args.mode in ("all", "pretrain"):
@@ -181,8 +182,8 @@ def check_args(args):
         raise UserError("--device cuda, but torch sees no CUDA GPU here: use --device cpu (or auto)")
     try:
         os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make the run folder --out {args.out}: {e.strerror}") from None
+    except OSError as e:  # a file there (or above it), no permission
+        raise UserError(f"cannot make the run folder --out {args.out} ({e.strerror}): choose another --out") from None
     if not os.access(args.out, os.W_OK):
         raise UserError(f"cannot write into the run folder --out {args.out}: choose another --out")
 
