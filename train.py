@@ -91,10 +91,12 @@ class Args:
 MODES = ("all", "pretrain", "finetune", "probe", "eval")
 DATASETS = "synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"
 FROM_DATA = ("img_size", "in_chans", "num_classes")  # model fields the data decides
-# what a resumed phase must share with the run that wrote its checkpoint, besides the model config
-RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "batch_size", "weight_decay")
+# the flags a resumed phase must share with the run that wrote its checkpoint (besides the model)
+RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "batch_size",
+           "weight_decay")
 PRETRAIN_FLAGS = ("lr", "warmup_epochs", "min_scale")
-FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "label_smoothing", "layer_decay")
+FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "label_smoothing",
+                  "layer_decay")
 SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")  # the weights' shapes
 
 
@@ -107,13 +109,14 @@ def _bool(s):
 
 
 def field_help(cls):
-    """The comment beside each field of a dataclass in its source ({name: comment}): the flags' --help."""
-    found = (re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line) for line in inspect.getsource(cls).splitlines())
+    """{name: the comment beside the field} of a dataclass, from its source: the --help texts."""
+    lines = inspect.getsource(cls).splitlines()
+    found = [re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line) for line in lines]
     return {m[1]: m[2].replace("%", "%%") for m in found if m}
 
 
 def make_parser():
-    p = argparse.ArgumentParser("train.py", description="STAR pretraining and finetuning; the knobs are at the top",
+    p = argparse.ArgumentParser("train.py", description="STAR pretraining and finetuning",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(Args)
     choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS)}
@@ -126,9 +129,10 @@ def make_parser():
     helps = field_help(star.StarConfig)
     g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
     for f in fields(star.StarConfig):
-        if f.name not in FROM_DATA:
-            g.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS, dest=f"model_{f.name}",
-                           metavar=f.name.upper(), help=helps.get(f.name, "see star.StarConfig"))
+        if f.name not in FROM_DATA:  # SUPPRESS: only the flags given become overrides
+            g.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS,
+                           dest=f"model_{f.name}", metavar=f.name.upper(),
+                           help=helps.get(f.name, "see star.StarConfig"))
     return p
 
 
@@ -140,50 +144,54 @@ def parse_args(argv=None):
 
 
 class UserError(ValueError):
-    """A bad flag, file or checkpoint: main prints its message as one line and exits with status 2."""
+    """A bad flag, file or checkpoint: main prints it in one line and exits with status 2."""
 
 
-# the range each number flag must be in (None: no bound), and the ones that must be above 0
-LIMITS = {"batch_size": (1, None), "log_every": (1, None), "eval_every": (1, None), "pretrain_epochs": (0, None),
-          "finetune_epochs": (0, None), "num_train": (0, None), "num_test": (0, None), "img_size": (0, None),
-          "num_samples": (0, None), "warmup_epochs": (0, None), "ft_warmup_epochs": (0, None),
-          "weight_decay": (0, None), "min_scale": (0, 1), "ft_min_scale": (0, 1), "layer_decay": (0, 1),
-          "ft_drop_path": (0, 1), "label_smoothing": (0, 1), "drop_path": (0, 1)}
+# the range each number flag must lie in; the POSITIVE ones must be above 0 too
+LIMITS = {"batch_size": (1, math.inf), "log_every": (1, math.inf), "eval_every": (1, math.inf),
+          "pretrain_epochs": (0, math.inf), "finetune_epochs": (0, math.inf),
+          "num_train": (0, math.inf), "num_test": (0, math.inf), "img_size": (0, math.inf),
+          "num_samples": (0, math.inf), "warmup_epochs": (0, math.inf),
+          "ft_warmup_epochs": (0, math.inf), "weight_decay": (0, math.inf), "min_scale": (0, 1),
+          "ft_min_scale": (0, 1), "layer_decay": (0, 1), "ft_drop_path": (0, 1),
+          "label_smoothing": (0, 1), "drop_path": (0, 1)}
 POSITIVE = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
 
 
 def check_args(args):
     """Refuse flags out of range or that do not go together, before any work."""
     values = asdict(args) | args.overrides
-    limits = LIMITS | {k: (1, None) for k, v in args.overrides.items() if type(v) is int}  # model sizes, K
-    for name, (low, high) in limits.items():
-        v = values.get(name)
-        if v is not None and not (low <= v and (high is None or v <= high)):
-            raise UserError(f"--{name} must be at least {low}" + (f" and at most {high}" if high is not None else "")
-                            + f", got {v}")
+    sizes = {k: (1, math.inf) for k, v in args.overrides.items() if type(v) is int}  # widths, K
+    for name, (low, high) in (LIMITS | sizes).items():
+        v = values.get(name, low)
+        if not low <= v <= high:
+            most = f" and at most {high}" if high < math.inf else ""
+            raise UserError(f"--{name} must be at least {low}{most}, got {v}")
     for name in POSITIVE:
-        if name in values and not values[name] > 0:
+        if not values.get(name, 1) > 0:
             raise UserError(f"--{name} must be above 0, got {values[name]}")
     for flag, named in (("data", ("synthetic", "cifar10", "cifar100")), ("test_data", ())):
         spec = getattr(args, flag)
         if spec and spec not in named and not spec.startswith(("npz:", "folder:")):
-            hint = f"; for this file write npz:{spec}" if os.path.isfile(spec) else \
-                f"; for this folder write folder:{spec}" if os.path.isdir(spec) else ""
-            raise UserError(f"unknown --{flag} {spec!r}; choose one of "
-                            f"{DATASETS if named else 'npz:GLOB, folder:PATH'}{hint}")
+            kind = "folder" if os.path.isdir(spec) else "npz"
+            hint = f"; for this path write {kind}:{spec}" if os.path.exists(spec) else ""
+            choose = DATASETS if named else "npz:GLOB, folder:PATH"
+            raise UserError(f"unknown --{flag} {spec!r}; choose one of {choose}{hint}")
     if args.init and args.mode in ("all", "pretrain"):
-        raise UserError(f"--init is for --mode finetune, probe or eval; --mode {args.mode} pretrains from scratch "
-                        f"(to finetune {args.init}: --mode finetune --init {args.init})")
+        raise UserError(f"--init is for --mode finetune, probe or eval; --mode {args.mode} "
+                        f"pretrains from scratch (to finetune it: --mode finetune --init ...)")
     if args.mode == "eval" and not args.init:
         raise UserError("--mode eval needs --init CHECKPOINT")
     if args.mode == "all" and args.pretrain_epochs == 0:
-        raise UserError("--mode all needs --pretrain_epochs 1 or more (to finetune from scratch: --mode finetune)")
+        raise UserError("--mode all needs --pretrain_epochs 1 or more "
+                        "(to finetune from scratch only: --mode finetune)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU here: use --device cpu (or auto)")
+        raise UserError("--device cuda, but torch sees no CUDA GPU: use --device cpu (or auto)")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:  # a file there (or above it), no permission
-        raise UserError(f"cannot make the run folder --out {args.out} ({e.strerror}): choose another --out") from None
+        raise UserError(f"cannot make the run folder --out {args.out} ({e.strerror}): "
+                        f"choose another --out") from None
     if not os.access(args.out, os.W_OK):
         raise UserError(f"cannot write into the run folder --out {args.out}: choose another --out")
 
@@ -288,16 +296,21 @@ def read_npz(pattern):
                 keys = list(f.keys())
                 arrays = [f[k] for k in ("x", "y") if k in f]
         except Exception as e:  # a text, empty or truncated file: numpy's errors vary
-            raise UserError(f"{path} cannot be read as an .npz file ({type(e).__name__}: {e})") from None
+            raise UserError(f"{path} cannot be read as an .npz file ({type(e).__name__}: {e})") \
+                from None
         if len(arrays) < 2:
             raise UserError(f"{path} holds {keys}; expected arrays x (uint8 N x H x W x C) and y")
         x, y = arrays
-        if x.dtype != np.uint8 or not (x.ndim == 3 or x.ndim == 4 and x.shape[3] in (1, 3)) or len(x) != len(y):
-            hint = "; x looks channels-first: store x.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
-            raise UserError(f"{path}: x must be uint8 N x H x W or N x H x W x C with C = 1 or 3, and one label in y "
-                            f"per image; got x {x.dtype} {x.shape}, y {y.shape}{hint}")
+        layout = x.ndim == 3 or x.ndim == 4 and x.shape[3] in (1, 3)  # gray or RGB, channels last
+        if x.dtype != np.uint8 or not layout or len(x) != len(y):
+            first = x.ndim == 4 and x.shape[1] in (1, 3)
+            hint = "; x looks channels-first: store x.transpose(0, 2, 3, 1)" if first else ""
+            raise UserError(f"{path}: x must be uint8 N x H x W or N x H x W x C with C = 1 or 3, "
+                            f"and one label in y per image; got x {x.dtype} {x.shape}, "
+                            f"y {y.shape}{hint}")
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise UserError(f"{path}: y must hold one integer class per image, shape (N,); got {y.dtype} {y.shape}")
+            raise UserError(f"{path}: y must hold one integer class per image, shape (N,); "
+                            f"got {y.dtype} {y.shape}")
         x = torch.from_numpy(x)
         xs.append(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2))  # grayscale gets one channel
         ys.append(torch.from_numpy(y.astype(np.int64)))
@@ -328,12 +341,15 @@ def read_folder(root, size=0, classes=None):
                 im = im.convert(mode)
                 return np.asarray(ImageOps.fit(im, (size, size)) if size else im)
         except (OSError, ValueError) as e:  # not an image, or a truncated one
-            raise UserError(f"{path} cannot be read as an image ({e}): repair or remove it") from None
-    modes, sizes = zip(*[read(path, header=True) for path, _ in folder.samples])  # a first pass: headers only
-    mode = "L" if set(modes) <= {"1", "L", "I;16", "I"} else "RGB"
-    if not size and (len(set(sizes)) > 1 or any(w != h for w, h in sizes)):
-        raise UserError(f"the images in {root} are not all square and of one size ({sorted(set(sizes))[:4]}...); "
-                        f"pass --img_size N to resize them")
+            raise UserError(f"{path} cannot be read as an image ({e}): repair or remove it") \
+                from None
+    headers = [read(path, header=True) for path, _ in folder.samples]  # a first pass: headers only
+    modes = {m for m, _ in headers}
+    sizes = {s for _, s in headers}
+    mode = "L" if modes <= {"1", "L", "I;16", "I"} else "RGB"
+    if not size and (len(sizes) > 1 or any(w != h for w, h in sizes)):
+        raise UserError(f"the images in {root} are not all square and of one size "
+                        f"({sorted(sizes)[:4]}...); pass --img_size N to resize them")
     x = torch.from_numpy(np.stack([read(path) for path, _ in folder.samples]))
     x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)
     return x, torch.tensor([label for _, label in folder.samples]), folder.classes
@@ -414,18 +430,21 @@ def load_data(args, env):
 
 
 def check_labels(y, y_test, num_classes, args):
-    """The number of classes: labels 0..C-1 (C from the data's classes or the largest label), each in training."""
+    """The number of classes C (given, or the largest label + 1); each must be in training."""
     if not len(y) or not len(y_test):
-        raise UserError(f"{args.data}: {len(y)} training and {len(y_test)} test images; both splits need some")
+        raise UserError(f"{args.data}: {len(y)} training and {len(y_test)} test images; "
+                        f"both splits need some")
     num_classes = num_classes or int(y.max()) + 1
     missing = sorted(set(range(num_classes)) - set(y.unique().tolist()))
     if y.min() < 0 or missing:
-        raise UserError(f"{args.data}: the training labels must be 0..C-1 with every class present; got labels "
-                        f"{int(y.min())}..{int(y.max())} with class(es) {missing[:5]} absent"
-                        + (f" from the first --num_train {args.num_train}" if args.num_train else ""))
+        subset = f" in the first --num_train {args.num_train}" if args.num_train else ""
+        raise UserError(f"{args.data}: the training labels must be 0..C-1 with every class "
+                        f"present; got labels {int(y.min())}..{int(y.max())}, "
+                        f"class(es) {missing[:5]} absent{subset}")
     if y_test.min() < 0 or y_test.max() >= num_classes:
-        raise UserError(f"{args.test_data or args.data}: test labels {int(y_test.min())}..{int(y_test.max())} are not "
-                        f"among the training classes 0..{num_classes - 1}")
+        raise UserError(f"{args.test_data or args.data}: test labels {int(y_test.min())}.."
+                        f"{int(y_test.max())} are not among the training classes "
+                        f"0..{num_classes - 1}")
     return num_classes
 
 
@@ -475,20 +494,21 @@ def model_config(args, data):
 
 
 def check_config(saved, cfg, names, what):
-    """Raise a UserError naming every field in names where a checkpoint's config (or flags) differ from this run's."""
+    """Raise a UserError naming every field in names where a checkpoint's config or flags differ."""
     diff = [f"{n}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in names if saved.get(n) != getattr(cfg, n)]
     if diff:
         raise UserError(f"{what} was made with other flags or model config: {'; '.join(diff)}. "
-                        f"Pass the same --preset and flags as the run that wrote it, or another --out")
+                        f"Pass the same --preset and flags as the run that wrote it")
 
 
 def load_checkpoint(path, phase=None):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own files: numpy RNG state inside
+    try:  # our own files: numpy's RNG state inside
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file: the errors vary
-        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e})") \
+            from None
     if not isinstance(ckpt, dict) or not {"phase", "config", "model"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by train.py")
     if phase and ckpt["phase"] != phase:
@@ -525,8 +545,8 @@ def evaluate(model, data, args, env):
     classify = isinstance(model, star.StarClassifier)
     unit = 1 if classify else model.cfg.images_per_seq
     if len(data.x_test) < unit:
-        raise UserError(f"the test split has {len(data.x_test)} image(s), fewer than one sequence of K={unit}: "
-                        f"use --num_test {unit} or more")
+        raise UserError(f"the test split has {len(data.x_test)} image(s), fewer than one sequence "
+                        f"of K={unit}: use --num_test {unit} or more")
     lo, hi = _chunks(len(data.x_test), unit, env)
     bs = max(args.batch_size // unit * unit, unit)
     stats = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, correct, images
@@ -613,7 +633,7 @@ class StopFlag:
 
 
 def save_checkpoint(path, model, optimizer, gen, state, data, args, env):
-    """Written atomically (a temporary file, then os.replace): an interruption or a full disk leaves the last one."""
+    """Written atomically (a temporary file, then os.replace): a stop or full disk keeps the last."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
     rngs = [rng]
@@ -633,16 +653,17 @@ def save_checkpoint(path, model, optimizer, gen, state, data, args, env):
         except (OSError, RuntimeError) as e:  # disk full: torch reports it as either
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
-            kept = f"{path} still holds the previous epoch" if os.path.exists(path) else "no checkpoint was written"
-            raise UserError(f"could not write {path} ({e}); {kept}. Free some disk space, then run the same "
-                            f"command with --resume") from None
+            kept = "keeps the last good state" if os.path.exists(path) else "was not written yet"
+            raise UserError(f"could not write {path} ({e}); it {kept}. Free some disk space, then "
+                            f"run the same command with --resume") from None
 
 
 def restore(path, model, optimizer, gen, args, env):
     """Put the model, optimizer and every random stream back as they were when path was written."""
     ckpt = load_checkpoint(path, env.phase)
     check_config(ckpt["config"], model.cfg, [f.name for f in fields(star.StarConfig)], path)
-    check_config(ckpt["args"], args, RESUMED + (PRETRAIN_FLAGS if env.phase == "pretrain" else FINETUNE_FLAGS), path)
+    flags = PRETRAIN_FLAGS if env.phase == "pretrain" else FINETUNE_FLAGS
+    check_config(ckpt["args"], args, RESUMED + flags, path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     gen.set_state(ckpt["aug_rng"])
@@ -877,7 +898,7 @@ def report(s, cfg, args):
 
 
 def main(argv=None):
-    """Parse, check and run; a user error ends with one line on stderr and exit status 2 (STAR_DEBUG=1: traceback)."""
+    """Parse, check, run. A user error: one line on stderr, exit status 2 (STAR_DEBUG=1: raise)."""
     args = parse_args(argv)
     env = None
     try:

@@ -1,7 +1,8 @@
-"""Bad input to train.py: one line naming the culprit, exit status 2, no traceback, nothing lost (issue 10).
+"""Bad input to train.py: one line naming the culprit, exit status 2, no traceback, nothing lost.
 
-Each case runs train.main in-process on the CPU with the tiny preset and stops before any training, except the
-few that need a checkpoint first (one short pretraining, shared); those check the checkpoint is byte-identical.
+Each case runs train.main in-process on the CPU with the tiny preset and stops before any training,
+except those that need a checkpoint first (one short pretraining, shared): they check that it is
+byte-identical afterwards.
 """
 import errno
 import os
@@ -53,7 +54,7 @@ def copy(pretrained, tmp_path):
     (["--mode", "bogus"], "--mode"),
     (["--preset", "huge"], "--preset"),
     (["--separator", "bar"], "separator"),
-    (["--mode", "pretrain", "--num_test", "1"], "--num_test"),  # fewer test images than K=2: no AR loss
+    (["--mode", "pretrain", "--num_test", "1"], "--num_test"),  # fewer test images than K=2
 ])
 def test_bad_flags(tmp_path, capsys, argv, culprit):
     assert culprit in refused(capsys, tmp_path / "r", *argv)
@@ -137,12 +138,13 @@ def truncated_image(d):
     lambda d: (["--data", f"npz:{d}/missing_*.npz"], "missing_"),
     lambda d: (["--data", f"folder:{d}/missing"], "missing"),
     empty_folder, mixed_sizes, corrupt_image, truncated_image,
-], ids=["channels_first", "5_channels", "float_x", "label_1000", "one_based", "float_labels", "negative_label",
-        "labels_n_by_1", "one_hot", "too_few_labels", "text_npz", "empty_npz", "no_prefix", "test_labels",
-        "missing_npz", "missing_folder", "empty_folder", "mixed_sizes", "corrupt_image", "truncated_image"])
+], ids=["channels_first", "5_channels", "float_x", "label_1000", "one_based", "float_labels",
+        "negative_label", "labels_n_by_1", "one_hot", "too_few_labels", "text_npz", "empty_npz",
+        "no_prefix", "test_labels", "missing_npz", "missing_folder", "empty_folder", "mixed_sizes",
+        "corrupt_image", "truncated_image"])
 def test_bad_data_refused_before_training(tmp_path, capsys, make):
     argv, culprit = make(tmp_path)
-    assert culprit in refused(capsys, tmp_path / "r", *argv)  # mode all: before the pretraining, not after
+    assert culprit in refused(capsys, tmp_path / "r", *argv)  # mode all: before pretraining
     assert nothing_written(tmp_path / "r")
 
 
@@ -159,7 +161,8 @@ def test_unreadable_checkpoint(copy, tmp_path, capsys, spoil):
     path = out / "pretrain.pt"
     path.write_bytes(b"garbage" if spoil == "garbage" else good[:len(good) // 2])
     spoilt = path.read_bytes()
-    assert str(path) in refused(capsys, out, "--mode", "pretrain", "--pretrain_epochs", "2", "--resume")
+    resume = ["--mode", "pretrain", "--pretrain_epochs", "2", "--resume"]
+    assert str(path) in refused(capsys, out, *resume)
     assert str(path) in refused(capsys, tmp_path / "ft", "--mode", "finetune", "--init", str(path))
     assert path.read_bytes() == spoilt
 
@@ -167,7 +170,8 @@ def test_unreadable_checkpoint(copy, tmp_path, capsys, spoil):
 @pytest.mark.parametrize("argv, fields", [
     (["--batch_size", "32"], ["batch_size=16 there, 32 here"]),
     (["--lr", "1e-3"], ["lr=0.002 there, 0.001 here"]),
-    (["--batch_size", "32", "--lr", "1e-3", "--seed", "1"], ["batch_size=16", "lr=0.002", "seed=0"]),
+    (["--batch_size", "32", "--lr", "1e-3", "--seed", "1"],
+     ["batch_size=16", "lr=0.002", "seed=0"]),
     (["--num_train", "64"], ["num_train=96 there, 64 here"]),
     (["--data", "npz:{tmp}/other.npz"], ["data='synthetic' there"]),
 ])
@@ -221,8 +225,9 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_command_line_prints_one_line_and_exits_2(tmp_path):
-    done = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "r"), "--log_every", "0"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    argv = [sys.executable, "train.py", "--out", str(tmp_path / "r"), "--log_every", "0"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["train.py: error: --log_every must be at least 1, got 0"]
 
