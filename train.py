@@ -182,6 +182,8 @@ def check_args(args):
                         f"pretrains from scratch (to finetune it: --mode finetune --init ...)")
     if args.mode == "eval" and not args.init:
         raise UserError("--mode eval needs --init CHECKPOINT")
+    if args.init and not os.path.isfile(args.init):
+        raise UserError(f"--init {args.init}: no such file")
     if args.mode == "all" and args.pretrain_epochs == 0:
         raise UserError("--mode all needs --pretrain_epochs 1 or more "
                         "(to finetune from scratch only: --mode finetune)")

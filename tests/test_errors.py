@@ -51,6 +51,7 @@ def copy(pretrained, tmp_path):
     (["--init", "x.pt"], "--init"),  # mode all pretrains from scratch
     (["--mode", "pretrain", "--init", "x.pt"], "--init"),
     (["--mode", "eval"], "--init"),
+    (["--mode", "finetune", "--init", "missing.pt"], "--init missing.pt"),
     (["--mode", "bogus"], "--mode"),
     (["--preset", "huge"], "--preset"),
     (["--separator", "bar"], "separator"),
