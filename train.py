@@ -123,7 +123,7 @@ def make_parser():
     for f in fields(Args):
         if f.name != "overrides":
             p.add_argument(f"--{f.name}", default=f.default, type=_bool if f.type is bool else f.type,
-                           help=helps[f.name], choices=choices.get(f.name),
+                           help=helps.get(f.name), choices=choices.get(f.name),
                            metavar="true|false" if f.type is bool else None,
                            **({"nargs": "?", "const": True} if f.type is bool else {}))
     helps = field_help(star.StarConfig)
@@ -139,7 +139,7 @@ def make_parser():
 def parse_args(argv=None):
     ns = vars(make_parser().parse_args(argv))
     args = Args(**{f.name: ns[f.name] for f in fields(Args) if f.name != "overrides"})
-    args.overrides = {k[6:]: v for k, v in ns.items() if k.startswith("model_")}
+    args.overrides = {k.removeprefix("model_"): v for k, v in ns.items() if k.startswith("model_")}
     return args
 
 
