@@ -20,12 +20,15 @@ samples_*.png: test images, the teacher-forced next-cluster predictions, lower h
 """
 import argparse
 import glob
+import inspect
 import json
 import logging
 import math
 import os
 import random
+import re
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
@@ -57,22 +60,22 @@ class Args:
     init: str = ""                # pretraining checkpoint to finetune or probe; the checkpoint to evaluate
     out: str = "runs/default"     # run folder
     resume: bool = False          # continue the checkpoints in --out where they stopped
-    seed: int = 0
+    seed: int = 0                 # model initialisation, data order and augmentation
     # pretraining, ARM's recipe (short runs want a higher lr than ARM's 1.5e-4 over 1600 epochs)
-    pretrain_epochs: int = 16
+    pretrain_epochs: int = 16     # passes over the training set
     batch_size: int = 64          # global batch of both phases, in images, split evenly over the GPUs
     lr: float = 2e-3              # at batch 256; the lr used is lr * batch_size / 256
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0    # linear lr warm-up, then cosine decay to 0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
     weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
     clip_grad: float = 3.0        # pretraining only: clip the gradient norm (ARM: 3.0); 0 = off
     # finetuning (and probing), single images, four-way scans
-    finetune_epochs: int = 10
+    finetune_epochs: int = 10     # passes over the training set
     ft_lr: float = 5e-3           # at batch 256
-    ft_warmup_epochs: float = 1.0
-    ft_min_scale: float = 0.35
+    ft_warmup_epochs: float = 1.0  # the same for finetuning
+    ft_min_scale: float = 0.35    # the same for finetuning
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # finetuning cross-entropy
     layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
@@ -90,6 +93,12 @@ class Args:
 MODES = ("all", "pretrain", "finetune", "probe", "eval")
 DATASETS = "synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"
 FROM_DATA = ("img_size", "in_chans", "num_classes")  # model fields the data decides
+# the flags a resumed phase must share with the run that wrote its checkpoint (besides the model)
+RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "batch_size",
+           "weight_decay", "precision")
+PRETRAIN_FLAGS = ("lr", "warmup_epochs", "min_scale", "clip_grad")
+FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "label_smoothing",
+                  "layer_decay")
 SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")  # the weights' shapes
 
 
@@ -101,24 +110,95 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="STAR pretraining and finetuning; the knobs are at the top of train.py")
+def field_help(cls):
+    """{name: the comment beside the field} of a dataclass, from its source: the --help texts."""
+    lines = inspect.getsource(cls).splitlines()
+    found = [re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line) for line in lines]
+    return {m[1]: m[2].replace("%", "%%") for m in found if m}
+
+
+def make_parser():
+    p = argparse.ArgumentParser("train.py", description="STAR pretraining and finetuning",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help(Args)
+    choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS),
+               "precision": ("auto", "bf16", "fp16", "fp32")}
     for f in fields(Args):
         if f.name != "overrides":
             p.add_argument(f"--{f.name}", default=f.default, type=_bool if f.type is bool else f.type,
+                           help=helps.get(f.name), choices=choices.get(f.name),
+                           metavar="true|false" if f.type is bool else None,
                            **({"nargs": "?", "const": True} if f.type is bool else {}))
-    model = [f for f in fields(star.StarConfig) if f.name not in FROM_DATA]
+    helps = field_help(star.StarConfig)
     g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
-    for f in model:
-        g.add_argument(f"--{f.name}", type=f.type, default=None, dest=f"model_{f.name}")
-    ns = vars(p.parse_args(argv))
+    for f in fields(star.StarConfig):
+        if f.name not in FROM_DATA:  # SUPPRESS: only the flags given become overrides
+            g.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS,
+                           dest=f"model_{f.name}", metavar=f.name.upper(),
+                           help=helps.get(f.name, "see star.StarConfig"))
+    return p
+
+
+def parse_args(argv=None):
+    ns = vars(make_parser().parse_args(argv))
     args = Args(**{f.name: ns[f.name] for f in fields(Args) if f.name != "overrides"})
-    args.overrides = {f.name: ns[f"model_{f.name}"] for f in model if ns[f"model_{f.name}"] is not None}
-    if args.mode not in MODES:
-        raise ValueError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)}")
-    if args.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"unknown precision {args.precision!r}; choose one of auto, bf16, fp16, fp32")
+    args.overrides = {k.removeprefix("model_"): v for k, v in ns.items() if k.startswith("model_")}
     return args
+
+
+class UserError(ValueError):
+    """A bad flag, file or checkpoint: main prints it in one line and exits with status 2."""
+
+
+# the range each number flag must lie in; the POSITIVE ones must be above 0 too
+LIMITS = {"batch_size": (1, math.inf), "log_every": (1, math.inf), "eval_every": (1, math.inf),
+          "pretrain_epochs": (0, math.inf), "finetune_epochs": (0, math.inf),
+          "num_train": (0, math.inf), "num_test": (0, math.inf), "img_size": (0, math.inf),
+          "num_samples": (0, math.inf), "warmup_epochs": (0, math.inf),
+          "ft_warmup_epochs": (0, math.inf), "weight_decay": (0, math.inf), "min_scale": (0, 1),
+          "ft_min_scale": (0, 1), "layer_decay": (0, 1), "ft_drop_path": (0, 1),
+          "label_smoothing": (0, 1), "drop_path": (0, 1)}
+POSITIVE = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
+
+
+def check_args(args):
+    """Refuse flags out of range or that do not go together, before any work."""
+    values = asdict(args) | args.overrides
+    sizes = {k: (1, math.inf) for k, v in args.overrides.items() if type(v) is int}  # widths, K
+    for name, (low, high) in (LIMITS | sizes).items():
+        v = values.get(name, low)
+        if not low <= v <= high:
+            most = f" and at most {high}" if high < math.inf else ""
+            raise UserError(f"--{name} must be at least {low}{most}, got {v}")
+    for name in POSITIVE:
+        if not values.get(name, 1) > 0:
+            raise UserError(f"--{name} must be above 0, got {values[name]}")
+    for flag, named in (("data", ("synthetic", "cifar10", "cifar100")), ("test_data", ())):
+        spec = getattr(args, flag)
+        if spec and spec not in named and not spec.startswith(("npz:", "folder:")):
+            kind = "folder" if os.path.isdir(spec) else "npz"
+            hint = f"; for this path write {kind}:{spec}" if os.path.exists(spec) else ""
+            choose = DATASETS if named else "npz:GLOB, folder:PATH"
+            raise UserError(f"unknown --{flag} {spec!r}; choose one of {choose}{hint}")
+    if args.init and args.mode in ("all", "pretrain"):
+        raise UserError(f"--init is for --mode finetune, probe or eval; --mode {args.mode} "
+                        f"pretrains from scratch (to finetune it: --mode finetune --init ...)")
+    if args.mode == "eval" and not args.init:
+        raise UserError("--mode eval needs --init CHECKPOINT")
+    if args.init and not os.path.isfile(args.init):
+        raise UserError(f"--init {args.init}: no such file")
+    if args.mode == "all" and args.pretrain_epochs == 0:
+        raise UserError("--mode all needs --pretrain_epochs 1 or more "
+                        "(to finetune from scratch only: --mode finetune)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU: use --device cpu (or auto)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # a file there (or above it), no permission
+        raise UserError(f"cannot make the run folder --out {args.out} ({e.strerror}): "
+                        f"choose another --out") from None
+    if not os.access(args.out, os.W_OK):
+        raise UserError(f"cannot write into the run folder --out {args.out}: choose another --out")
 
 
 def setup(args):
@@ -226,22 +306,35 @@ def resize(x, size):
 def read_npz(pattern):
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
-        raise ValueError(f"npz:{pattern} matches no files")
+        raise UserError(f"npz:{pattern} matches no files")
     xs, ys = [], []
     for path in files:
-        with np.load(path) as f:
-            if "x" not in f or "y" not in f:
-                raise ValueError(f"{path} holds {list(f.keys())}; expected arrays x (uint8 N x H x W x C) and y")
-            x, y = f["x"], f["y"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
-            raise ValueError(f"{path}: x must be uint8 N x H x W (x C) with one label in y per image, "
-                             f"got x {x.dtype} {x.shape}, y {y.shape}")
+        try:
+            with np.load(path) as f:
+                keys = list(f.keys())
+                arrays = [f[k] for k in ("x", "y") if k in f]
+        except Exception as e:  # a text, empty or truncated file: numpy's errors vary
+            raise UserError(f"{path} cannot be read as an .npz file ({type(e).__name__}: {e})") \
+                from None
+        if len(arrays) < 2:
+            raise UserError(f"{path} holds {keys}; expected arrays x (uint8 N x H x W x C) and y")
+        x, y = arrays
+        layout = x.ndim == 3 or x.ndim == 4 and x.shape[3] in (1, 3)  # gray or RGB, channels last
+        if x.dtype != np.uint8 or not layout or len(x) != len(y):
+            first = x.ndim == 4 and x.shape[1] in (1, 3)
+            hint = "; x looks channels-first: store x.transpose(0, 2, 3, 1)" if first else ""
+            raise UserError(f"{path}: x must be uint8 N x H x W or N x H x W x C with C = 1 or 3, "
+                            f"and one label in y per image; got x {x.dtype} {x.shape}, "
+                            f"y {y.shape}{hint}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{path}: y must hold one integer class per image, shape (N,); "
+                            f"got {y.dtype} {y.shape}")
         x = torch.from_numpy(x)
         xs.append(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2))  # grayscale gets one channel
         ys.append(torch.from_numpy(y.astype(np.int64)))
     if len({t.shape[1:] for t in xs}) > 1:
-        raise ValueError(f"the files of npz:{pattern} hold images of different shapes: "
-                         f"{sorted({tuple(t.shape[1:]) for t in xs})}")
+        raise UserError(f"the files of npz:{pattern} hold images of different shapes: "
+                        f"{sorted({tuple(t.shape[1:]) for t in xs})}")
     return torch.cat(xs), torch.cat(ys), None
 
 
@@ -249,26 +342,32 @@ def read_folder(root, size=0, classes=None):
     """ImageFolder layout (root/CLASS/IMAGE); grayscale when every image is, resized to size when given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
+    if not os.path.isdir(root):
+        raise UserError(f"folder:{root}: no such folder")
     try:
         folder = ImageFolder(root)
     except (FileNotFoundError, OSError) as e:
-        raise ValueError(f"folder:{root} is not in ImageFolder layout (one subfolder per class): {e}") from None
+        raise UserError(f"folder:{root} is not in ImageFolder layout (one subfolder per class): {e}") from None
     if classes is not None and folder.classes != classes:
-        raise ValueError(f"{root} has classes {folder.classes}, the training data {classes}")
-    modes, sizes = set(), set()
-    for path, _ in folder.samples:  # a first pass reads only the headers
-        with Image.open(path) as im:
-            modes.add(im.mode)
-            sizes.add(im.size)
+        raise UserError(f"{root} has classes {folder.classes}, the training data {classes}")
+
+    def read(path, header=False):
+        try:
+            with Image.open(path) as im:
+                if header:
+                    return im.mode, im.size
+                im = im.convert(mode)
+                return np.asarray(ImageOps.fit(im, (size, size)) if size else im)
+        except (OSError, ValueError) as e:  # not an image, or a truncated one
+            raise UserError(f"{path} cannot be read as an image ({e}): repair or remove it") \
+                from None
+    headers = [read(path, header=True) for path, _ in folder.samples]  # a first pass: headers only
+    modes = {m for m, _ in headers}
+    sizes = {s for _, s in headers}
     mode = "L" if modes <= {"1", "L", "I;16", "I"} else "RGB"
     if not size and (len(sizes) > 1 or any(w != h for w, h in sizes)):
-        raise ValueError(f"the images in {root} are not all square and of one size ({sorted(sizes)[:4]}...); "
-                         f"pass --img_size N to resize them")
-
-    def read(path):
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            return np.asarray(ImageOps.fit(im, (size, size)) if size else im)
+        raise UserError(f"the images in {root} are not all square and of one size "
+                        f"({sorted(sizes)[:4]}...); pass --img_size N to resize them")
     x = torch.from_numpy(np.stack([read(path) for path, _ in folder.samples]))
     x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)
     return x, torch.tensor([label for _, label in folder.samples]), folder.classes
@@ -292,9 +391,9 @@ def load_cifar(name, root, env):
             dist.barrier()
         sets = [make(root, train=train) for train in (True, False)]
     except (OSError, RuntimeError) as e:  # no internet: URLError is an OSError
-        raise SystemExit(f"could not get {name} into {root}/ ({e}).\nWithout internet, point at a local copy: "
-                         f"--data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz (x uint8 N x H x W x C, y int), "
-                         f"or --data folder:DIR (ImageFolder layout), or --data_dir where torchvision's files are")
+        raise UserError(f"could not get {name} into {root}/ ({e}). Without internet, point at a local copy: "
+                        f"--data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz (x uint8 N x H x W x C, y int), "
+                        f"or --data folder:DIR (ImageFolder layout), or --data_dir where torchvision's files are")
     return [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in sets] + [sets[0].classes]
 
 
@@ -303,7 +402,7 @@ def load_split(spec, size, classes=None):
         return read_npz(spec[4:])[:2]
     if spec.startswith("folder:"):
         return read_folder(spec[7:], size, classes)[:2]
-    raise ValueError(f"--test_data must be npz:GLOB or folder:PATH, got {spec!r}")
+    raise UserError(f"--test_data must be npz:GLOB or folder:PATH, got {spec!r}")
 
 
 def load_data(args, env):
@@ -325,27 +424,46 @@ def load_data(args, env):
     elif spec.startswith("npz:"):
         train = read_npz(spec[4:])[:2]
     else:
-        raise ValueError(f"unknown dataset {spec!r}; choose one of {DATASETS}")
+        raise UserError(f"unknown dataset {spec!r}; choose one of {DATASETS}")
     if args.test_data:
         test = load_split(args.test_data, args.img_size, classes if args.test_data.startswith("folder:") else None)
     elif test is None:
         train, test = hold_out(*train)
     (x, y), (xt, yt) = [(t[0][:n or None], t[1][:n or None]) for t, n in ((train, args.num_train), (test, args.num_test))]
+    num_classes = check_labels(y, yt, len(classes) if classes else 0, args)
     if args.img_size:
         x, xt = resize(x, args.img_size), resize(xt, args.img_size)
     if x.shape[1:] != xt.shape[1:] or x.shape[2] != x.shape[3]:
-        raise ValueError(f"train images are {tuple(x.shape[1:])} and test images {tuple(xt.shape[1:])} (C, H, W); "
-                         f"the model takes square images of one size: pass --img_size N to resize them")
+        raise UserError(f"train images are {tuple(x.shape[1:])} and test images {tuple(xt.shape[1:])} (C, H, W); "
+                        f"the model takes square images of one size: pass --img_size N to resize them")
     x, y, xt, yt = (t.to(env.device) for t in (x, y, xt, yt))
     count = x.numel() / x.shape[1]  # pixels per channel
     total = sum(c.double().sum((0, 2, 3)) for c in x.split(4096))  # (C,), in chunks: x may be large
     total_sq = sum((c.double() ** 2).sum((0, 2, 3)) for c in x.split(4096))
     mean = (total / count / 255).view(1, -1, 1, 1)
     std = (total_sq / count / 255 ** 2 - mean.flatten() ** 2).clamp(min=1e-6).sqrt().view(1, -1, 1, 1)
-    num_classes = len(classes) if classes else int(max(y.max(), yt.max())) + 1
     log.info(f"data {spec}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, {num_classes} classes")
     return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, mean=mean.float(), std=std.float(),
                            num_classes=num_classes, name=spec)
+
+
+def check_labels(y, y_test, num_classes, args):
+    """The number of classes C (given, or the largest label + 1); each must be in training."""
+    if not len(y) or not len(y_test):
+        raise UserError(f"{args.data}: {len(y)} training and {len(y_test)} test images; "
+                        f"both splits need some")
+    num_classes = num_classes or int(y.max()) + 1
+    missing = sorted(set(range(num_classes)) - set(y.unique().tolist()))
+    if y.min() < 0 or missing:
+        subset = f" in the first --num_train {args.num_train}" if args.num_train else ""
+        raise UserError(f"{args.data}: the training labels must be 0..C-1 with every class "
+                        f"present; got labels {int(y.min())}..{int(y.max())}, "
+                        f"class(es) {missing[:5]} absent{subset}")
+    if y_test.min() < 0 or y_test.max() >= num_classes:
+        raise UserError(f"{args.test_data or args.data}: test labels {int(y_test.min())}.."
+                        f"{int(y_test.max())} are not among the training classes "
+                        f"0..{num_classes - 1}")
+    return num_classes
 
 
 def normalize(x, data):
@@ -384,29 +502,36 @@ def model_config(args, data):
     try:
         return star.make_config(args.preset, img_size=h, in_chans=c, num_classes=data.num_classes, **args.overrides)
     except ValueError as e:
-        cfg = star.make_config(args.preset, **args.overrides)  # raises here when the flags themselves are wrong
-        raise ValueError(f"the images of {data.name} are {h}x{h} px, which the model cannot take ({e}); pass "
-                         f"--img_size with a multiple of patch*cluster = {cfg.patch * cfg.cluster} to resize them, "
-                         f"or another --patch / --cluster") from None
+        try:
+            cfg = star.make_config(args.preset, **args.overrides)
+        except ValueError as flags:  # the flags themselves are wrong, whatever the data
+            raise UserError(f"model flags: {flags}") from None
+        raise UserError(f"the images of {data.name} are {h}x{h} px, which the model cannot take ({e}); pass "
+                        f"--img_size with a multiple of patch*cluster = {cfg.patch * cfg.cluster} to resize them, "
+                        f"or another --patch / --cluster") from None
 
 
 def check_config(saved, cfg, names, what):
-    """Raise ValueError naming every field in names where a checkpoint's config differs from this run's."""
+    """Raise a UserError naming every field in names where a checkpoint's config or flags differ."""
     diff = [f"{n}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in names if saved.get(n) != getattr(cfg, n)]
     if diff:
-        raise ValueError(f"{what} was made with another model config: {'; '.join(diff)}. "
-                         f"Pass the same --preset and model flags as the run that wrote it")
+        raise UserError(f"{what} was made with other flags or model config: {'; '.join(diff)}. "
+                        f"Pass the same --preset and flags as the run that wrote it")
 
 
 def load_checkpoint(path, phase=None):
     if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own files: numpy RNG state inside
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by train.py")
+        raise UserError(f"no checkpoint at {path}")
+    try:  # our own files: numpy's RNG state inside
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file: the errors vary
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e})") \
+            from None
+    if not isinstance(ckpt, dict) or not {"phase", "config", "model"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint written by train.py")
     if phase and ckpt["phase"] != phase:
-        raise ValueError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one"
-                         + (" (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""))
+        raise UserError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one"
+                        + (" (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""))
     return ckpt
 
 
@@ -437,6 +562,9 @@ def evaluate(model, data, args, env):
     """Test loss (the STAR objective or cross-entropy) and accuracy, over all of the test split, all ranks."""
     classify = isinstance(model, star.StarClassifier)
     unit = 1 if classify else model.cfg.images_per_seq
+    if len(data.x_test) < unit:
+        raise UserError(f"the test split has {len(data.x_test)} image(s), fewer than one sequence "
+                        f"of K={unit}: use --num_test {unit} or more")
     lo, hi = _chunks(len(data.x_test), unit, env)
     bs = max(args.batch_size // unit * unit, unit)
     stats = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, correct, images
@@ -523,7 +651,7 @@ class StopFlag:
 
 
 def save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env):
-    """Written atomically (a temporary file, then os.replace): an interruption leaves the last one intact."""
+    """Written atomically (a temporary file, then os.replace): a stop or full disk keeps the last."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
     rngs = [rng]
@@ -537,16 +665,25 @@ def save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env)
                 "epoch": state["epoch"], "step": state["step"], "rng": rngs, "aug_rng": gen.get_state(),
                 "data_order": {"seed": args.seed, "epoch": state["epoch"], "batch": state["batch"]},
                 "losses": state["losses"], "history": state["history"]}
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        try:
+            torch.save(ckpt, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except (OSError, RuntimeError) as e:  # disk full: torch reports it as either
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            kept = "keeps the last good state" if os.path.exists(path) else "was not written yet"
+            raise UserError(f"could not write {path} ({e}); it {kept}. Free some disk space, then "
+                            f"run the same command with --resume") from None
     if env.ddp:
         dist.barrier()  # no rank reads the file (the next phase's --init) before it is written
 
 
-def restore(path, model, optimizer, scaler, gen, env):
+def restore(path, model, optimizer, scaler, gen, args, env):
     """Put the model, optimizer and every random stream back as they were when path was written."""
     ckpt = load_checkpoint(path, env.phase)
     check_config(ckpt["config"], model.cfg, [f.name for f in fields(star.StarConfig)], path)
+    flags = PRETRAIN_FLAGS if env.phase == "pretrain" else FINETUNE_FLAGS
+    check_config(ckpt["args"], args, RESUMED + flags, path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -573,10 +710,10 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
     path, B, N = os.path.join(args.out, f"{name}.pt"), args.batch_size, len(data.x)
     unit = 1 if classify else cfg.images_per_seq
     if B % (env.world * unit):
-        raise ValueError(f"--batch_size {B} must split into {env.world} equal shares of whole sequences of "
-                         f"{unit} image(s): use a multiple of {env.world * unit}")
+        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole sequences of "
+                        f"{unit} image(s): use a multiple of {env.world * unit}")
     if N < B:
-        raise ValueError(f"the training set has {N} images, fewer than --batch_size {B}")
+        raise UserError(f"the training set has {N} images, fewer than --batch_size {B}")
     steps = N // B  # the last incomplete batch of an epoch is dropped
     lo, hi = env.rank * B // env.world, (env.rank + 1) * B // env.world  # this rank's share of every batch
     lr, total, warm = lr * B / 256, epochs * steps, round(warmup_epochs * steps)
@@ -586,7 +723,7 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
     state = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
     torch.manual_seed(args.seed + env.rank)  # drop-path masks
     if args.resume and os.path.exists(path):
-        state = restore(path, model, optimizer, scaler, gen, env)
+        state = restore(path, model, optimizer, scaler, gen, args, env)
     ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.ddp else model
     if not state["history"]:
         state["history"].append({"phase": name, "epoch": 0, "step": 0, **evaluate(model, data, args, env)})
@@ -716,14 +853,14 @@ def finetune(name, cfg, data, args, env, init="", frozen=False):
 def evaluate_checkpoint(data, args, env):
     """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
     if not args.init:
-        raise ValueError("--mode eval needs --init CHECKPOINT")
+        raise UserError("--mode eval needs --init CHECKPOINT")
     ckpt = load_checkpoint(args.init)
     cfg = star.StarConfig(**ckpt["config"])
     have = tuple(data.x.shape[1:])
     if have != (cfg.in_chans, cfg.img_size, cfg.img_size) or cfg.num_classes < data.num_classes:
-        raise ValueError(f"{data.name} ({have[0]} x {have[1]} x {have[2]} images, {data.num_classes} classes) does not "
-                         f"fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x {cfg.img_size}, "
-                         f"{cfg.num_classes} classes); --img_size {cfg.img_size} resizes the images")
+        raise UserError(f"{data.name} ({have[0]} x {have[1]} x {have[2]} images, {data.num_classes} classes) does not "
+                        f"fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x {cfg.img_size}, "
+                        f"{cfg.num_classes} classes); --img_size {cfg.img_size} resizes the images")
     model = (star.StarPretrain if ckpt["phase"] == "pretrain" else star.StarClassifier)(cfg).to(env.device)
     model.load_state_dict(ckpt["model"])
     data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
@@ -773,8 +910,8 @@ def run(args, env):
     os.makedirs(args.out, exist_ok=True)
     taken = [p for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
     if taken and not args.resume:
-        raise SystemExit(f"{args.out} already holds {', '.join(p + '.pt' for p in taken)}: pass --resume to continue "
-                         f"that run, or --out to start another")
+        raise UserError(f"{args.out} already holds {', '.join(p + '.pt' for p in taken)}: pass --resume to continue "
+                        f"that run, or --out to start another")
     t0 = time.time()
     data = load_data(args, env)
     if args.mode == "eval":
@@ -820,16 +957,24 @@ def report(s, cfg, args):
 
 
 def main(argv=None):
+    """Parse, check, run. A user error: one line on stderr, exit status 2 (STAR_DEBUG=1: raise)."""
     args = parse_args(argv)
-    env = setup(args)
+    env = None
     try:
+        check_args(args)
+        env = setup(args)
         return run(args, env)
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(f"out of GPU memory in {env.phase or 'setup'} at --batch_size {args.batch_size} "
                          f"({args.batch_size // env.world} images per GPU): lower --batch_size (say to "
                          f"{args.batch_size // 2}); the checkpoints in {args.out} are kept, so --resume goes on") from None
+    except UserError as e:
+        if os.environ.get("STAR_DEBUG") == "1":
+            raise
+        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
-        if env.ddp:
+        if env and env.ddp:
             dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ the report, checkpoints, log lines and sample grids; exact resumption; the data 
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,17 @@ CPU = SimpleNamespace(device=torch.device("cpu"), master=True, ddp=False, rank=0
 
 def run(out, *argv):
     return train.main(["--out", str(out), *SMALL, *argv])
+
+
+def refused(capsys, out, *argv):
+    """Run train.py expecting a user error: exit status 2, no traceback; return its one line."""
+    with pytest.raises(SystemExit) as stop:
+        run(out, *argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: "), err
+    return line
 
 
 def records(out):
@@ -101,10 +113,16 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "random_crops", crops)
     run(tmp_path / "b", *argv, "--resume")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rs if "phase" in r]
-    assert strip(records(tmp_path / "a")) == strip(records(tmp_path / "b"))  # exact losses
     a = torch.load(tmp_path / "a" / "pretrain.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if not torch.cuda.is_available():  # the CPU: bit-identical losses and weights
+        assert strip(records(tmp_path / "a")) == strip(records(tmp_path / "b"))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    else:  # a GPU: the CUDA scan's backward and cuBLAS sums are not deterministic; float noise only
+        pairs = zip(strip(records(tmp_path / "a")), strip(records(tmp_path / "b")), strict=True)
+        for ra, rb in pairs:
+            assert rb == pytest.approx(ra, rel=1e-3, abs=1e-5)
+        torch.testing.assert_close(b["model"], a["model"], rtol=1e-3, atol=1e-5)
 
 
 def write_npz(path, x, y):
@@ -182,54 +200,56 @@ def test_grayscale_24px_trains(tmp_path):
     assert os.path.isfile(out / "samples_pretrain_e001.png")
 
 
-def test_unknown_dataset_lists_choices(tmp_path):
-    with pytest.raises(ValueError, match="choose one of synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"):
-        run(tmp_path / "r", "--data", "imagenet")
+def test_unknown_dataset_lists_choices(tmp_path, capsys):
+    line = refused(capsys, tmp_path / "r", "--data", "imagenet")
+    assert "choose one of synthetic, cifar10, cifar100, folder:PATH, npz:GLOB" in line
 
 
-def test_image_size_not_divisible_by_patch(tmp_path):
+def test_image_size_not_divisible_by_patch(tmp_path, capsys):
     write_npz(tmp_path / "d.npz", np.zeros((40, 20, 20, 3), np.uint8), np.zeros(40, np.int64))
-    with pytest.raises(ValueError, match=r"20x20 px.*--img_size"):
-        run(tmp_path / "r", "--data", f"npz:{tmp_path}/d.npz")
+    line = refused(capsys, tmp_path / "r", "--data", f"npz:{tmp_path}/d.npz")
+    assert re.search(r"20x20 px.*--img_size", line)
 
 
-def test_cifar_offline_says_how_to_use_local_data(tmp_path, monkeypatch):
+def test_cifar_offline_says_how_to_use_local_data(tmp_path, monkeypatch, capsys):
     import torchvision
 
     def offline(*a, **k):
         raise urllib.error.URLError("no internet")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(SystemExit, match="npz:.*folder:"):
-        run(tmp_path / "r", "--data", "cifar10", "--data_dir", str(tmp_path / "data"))
+    line = refused(capsys, tmp_path / "r", "--data", "cifar10", "--data_dir", str(tmp_path / "d"))
+    assert re.search("npz:.*folder:", line)
 
 
-def test_mismatched_checkpoint_config(default_run, tmp_path):
+def test_mismatched_checkpoint_config(default_run, tmp_path, capsys):
     out, _ = default_run
-    with pytest.raises(ValueError, match="width=32 there, 64 here"):
-        run(tmp_path / "ft", "--mode", "finetune", "--init", str(out / "pretrain.pt"), "--width", "64")
-    with pytest.raises(ValueError, match="needs a pretrain one"):
-        run(tmp_path / "ft2", "--mode", "finetune", "--init", str(out / "finetune.pt"))
+    ft = ["--mode", "finetune", "--init"]
+    line = refused(capsys, tmp_path / "ft", *ft, str(out / "pretrain.pt"), "--width", "64")
+    assert "width=32 there, 64 here" in line
+    line = refused(capsys, tmp_path / "ft2", *ft, str(out / "finetune.pt"))
+    assert "needs a pretrain one" in line
     # resuming with another config names the field
     run(tmp_path / "p", "--mode", "pretrain", "--pretrain_epochs", "1")
-    with pytest.raises(ValueError, match="images_per_seq=2 there, 4 here"):
-        run(tmp_path / "p", "--mode", "pretrain", "--pretrain_epochs", "2", "--resume", "--images_per_seq", "4")
+    line = refused(capsys, tmp_path / "p", "--mode", "pretrain", "--pretrain_epochs", "2",
+                   "--resume", "--images_per_seq", "4")
+    assert "images_per_seq=2 there, 4 here" in line
 
 
-def test_existing_run_is_not_overwritten(default_run):
+def test_existing_run_is_not_overwritten(default_run, capsys):
     out, _ = default_run
     before = os.path.getmtime(out / "pretrain.pt")
-    with pytest.raises(SystemExit, match="--resume"):
-        run(out)
+    assert "--resume" in refused(capsys, out)
     assert os.path.getmtime(out / "pretrain.pt") == before
 
 
-def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path):
+def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path, capsys):
     out, summary = default_run
     result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "finetune.pt"))
     assert result["test_acc"] == summary["finetune_acc"]  # same test images, same normalisation
     write_npz(tmp_path / "g.npz", np.zeros((40, 24, 24), np.uint8), np.zeros(40, np.int64))
-    with pytest.raises(ValueError, match="does not fit"):
-        run(tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"), "--data", f"npz:{tmp_path}/g.npz")
+    line = refused(capsys, tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"),
+                   "--data", f"npz:{tmp_path}/g.npz")
+    assert "does not fit" in line
 
 
 def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, tmp_path, capsys):
