@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import star
@@ -73,6 +73,7 @@ class Args:
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
     label_smoothing: float = 0.1
     layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
+    labeled: int = 500            # finetune and probe on the first N training images (0: all); pretraining sees all
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
     eval_every: int = 4           # epochs between test evaluations (and sample grids); the last epoch always
@@ -470,7 +471,7 @@ def complete_lower_half(model, imgs):
 
 @torch.no_grad()
 def sample_grid(model, data, args, env, path):
-    """A PNG of three rows: test images, teacher-forced next-cluster predictions, autoregressive lower halves."""
+    """A PNG of three labelled rows: test images, teacher-forced next-cluster predictions, completed lower halves."""
     K = model.cfg.images_per_seq
     n = min(-(-args.num_samples // K) * K, len(data.x_test) // K * K)
     if n == 0:
@@ -480,7 +481,27 @@ def sample_grid(model, data, args, env, path):
     with autocast(env):
         rows = [imgs, model.predicted_images(imgs).float(), complete_lower_half(model, imgs)]
     model.train()
-    save_image((torch.cat(rows) * data.std + data.mean).clamp(0, 1), path, nrow=n)
+    save_rows([(r * data.std + data.mean).clamp(0, 1) for r in rows], ROW_LABELS, path)
+
+
+ROW_LABELS = ("input", "predicted", "completed")
+GRID_SCALE = 3  # nearest-neighbour enlargement: a 32 px image shows as 96 px
+GRID_MARGIN = 80  # left margin for the row labels, px
+
+
+def save_rows(rows, labels, path, pad=2):
+    """A PNG of labelled rows of images (each (n, C, H, W) in [0, 1]), every image enlarged GRID_SCALE times."""
+    from PIL import Image, ImageDraw
+    big = [F.interpolate(r.float().cpu(), scale_factor=GRID_SCALE, mode="nearest") for r in rows]
+    grid = make_grid(torch.cat(big), nrow=len(rows[0]), padding=pad, pad_value=1.0)  # (3, H, W)
+    grid = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    page = Image.new("RGB", (GRID_MARGIN + grid.width, grid.height), "white")
+    page.paste(grid, (GRID_MARGIN, 0))
+    draw = ImageDraw.Draw(page)
+    side = big[0].shape[-1] + pad
+    for i, label in enumerate(labels):
+        draw.text((4, pad + i * side + side // 2 - 6), label, fill="black")
+    page.save(path)
 
 # -----------------------------------------------------------------------------
 # the training loop, shared by pretraining, finetuning and probing
@@ -688,6 +709,17 @@ def finetune(name, cfg, data, args, env, init="", frozen=False):
                        args.ft_min_scale, betas=(0.9, 0.999), layer_decay=1.0 if frozen else args.layer_decay)
 
 
+def labeled_part(data, n):
+    """The first n training images and their labels (0: all), the labelled set that finetuning sees.
+
+    The semi-supervised setting: pretraining reads every training image without its label, finetuning a few
+    labelled ones; the mean and std stay those of all the images. The data sets' order is random already.
+    """
+    if not n or n >= len(data.x):
+        return data
+    return SimpleNamespace(**(vars(data) | {"x": data.x[:n], "y": data.y[:n]}))
+
+
 def evaluate_checkpoint(data, args, env):
     """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
     if not args.init:
@@ -725,16 +757,17 @@ def run(args, env):
     h = {}
     if "pretrain" in phases:
         h["pretrain"] = pretrain(cfg, data, args, env)
+    labeled = labeled_part(data, args.labeled)
     if "finetune" in phases:
-        h["finetune"] = finetune("finetune", cfg, data, args, env, os.path.join(args.out, "pretrain.pt")
+        h["finetune"] = finetune("finetune", cfg, labeled, args, env, os.path.join(args.out, "pretrain.pt")
                                  if args.mode == "all" else args.init)
     if "scratch" in phases:
-        h["scratch"] = finetune("scratch", cfg, data, args, env)
+        h["scratch"] = finetune("scratch", cfg, labeled, args, env)
     if "probe" in phases:
         init = args.init or os.path.join(args.out, "pretrain.pt")
-        h["probe"] = finetune("probe", cfg, data, args, env, init, frozen=True)
-    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test), "preset": args.preset,
-               "minutes": round((time.time() - t0) / 60, 2)}
+        h["probe"] = finetune("probe", cfg, labeled, args, env, init, frozen=True)
+    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test), "labeled": len(labeled.x),
+               "preset": args.preset, "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
         summary |= {"K": cfg.images_per_seq, "separator": cfg.separator, "ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
     for p in ("finetune", "scratch", "probe"):
@@ -747,16 +780,26 @@ def run(args, env):
 
 
 def report(s, cfg, args):
-    lines = [f"\nSTAR on {s['data']} ({s['train']} train / {s['test']} test images, {cfg.in_chans}x{cfg.img_size}"
-             f"x{cfg.img_size}), preset {s['preset']}"]
+    """What a learner reads at the end: one screen, the numbers that say whether pretraining paid off."""
+    lines = [f"\nSTAR on {s['data']}: {s['train']} training and {s['test']} test images of {cfg.in_chans}x"
+             f"{cfg.img_size}x{cfg.img_size}, preset {s['preset']}, seed {args.seed}"]
     if "ar_loss_before" in s:
-        lines.append(f"  AR loss (test)      {s['ar_loss_before']:.4f} before, {s['ar_loss_after']:.4f} after "
-                     f"{args.pretrain_epochs} epochs of pretraining (K={cfg.images_per_seq}, separator {cfg.separator})")
+        lines += [f"  pretraining on all {s['train']} training images, without labels: {args.pretrain_epochs} epochs "
+                  f"(K={cfg.images_per_seq}, separator {cfg.separator})",
+                  f"    AR loss (test)    {s['ar_loss_before']:.4f} before, {s['ar_loss_after']:.4f} after"]
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
     names = {"finetune": f"finetuned from {init}", "scratch": "from scratch", "probe": f"linear probe of {init}"}
+    if any(f"{p}_acc" in s for p in names):
+        lines.append(f"  finetuning on {s['labeled']} labelled training images, {args.finetune_epochs} epochs"
+                     + (", the same recipe for both:" if "scratch_acc" in s else ":"))
     for p, what in names.items():
         if f"{p}_acc" in s:
-            lines.append(f"  test accuracy       {100 * s[p + '_acc']:.1f}%  {what} ({args.finetune_epochs} epochs)")
+            lines.append(f"    test accuracy     {100 * s[p + '_acc']:.1f}%  {what}")
+    if "finetune_acc" in s and "scratch_acc" in s:
+        lines.append(f"    pretraining adds  {100 * (s['finetune_acc'] - s['scratch_acc']):+.1f} points")
+    grid = os.path.join(args.out, f"samples_pretrain_e{args.pretrain_epochs:03d}.png")
+    if "ar_loss_before" in s and os.path.isfile(grid):
+        lines.append(f"  pictures: {grid} (input, predicted, completed)")
     lines.append(f"  {s['minutes']} minutes; run folder {args.out}")
     print("\n".join(lines), flush=True)
 
