@@ -1,9 +1,9 @@
 """
 Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or evaluate it.
 
-    python train.py                                  # offline demo: built-in shapes data, tiny model, a few CPU minutes
+    python train.py                                  # offline demo: built-in shapes, 500 of them labelled, CPU minutes
     python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --ft_lr 1e-3 \
-        --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 --out runs/c10   # CIFAR-10, 87% (README; data/)
+        --labeled 0 --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 --out runs/c10   # CIFAR-10, 87% (README; data/)
     python train.py --images_per_seq 1 --separator none ...   # the ARM baseline; K>1 with no separator: concat only
     python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/c10_ft   # (no --init: from scratch)
     python train.py --mode probe --init runs/c10/pretrain.pt --out runs/c10_probe   # linear probe, frozen encoder
@@ -53,7 +53,7 @@ class Args:
     img_size: int = 0             # resize the images to this side (0: keep the data's size)
     num_train: int = 0            # use the first N training images (0: all; synthetic: 5000 generated)
     num_test: int = 0             # the same for the test split (synthetic: 1000)
-    preset: str = "tiny"          # star.py preset: tiny | cifar | base; other model fields are flags too
+    preset: str = "demo"          # star.py preset: tiny | demo | cifar | base; other model fields are flags too
     init: str = ""                # pretraining checkpoint to finetune or probe; the checkpoint to evaluate
     out: str = "runs/default"     # run folder
     resume: bool = False          # continue the checkpoints in --out where they stopped
@@ -61,12 +61,12 @@ class Args:
     # pretraining, ARM's recipe (short runs want a higher lr than ARM's 1.5e-4 over 1600 epochs)
     pretrain_epochs: int = 16
     batch_size: int = 64          # global batch of both phases, in images, split evenly over the GPUs
-    lr: float = 2e-3              # at batch 256; the lr used is lr * batch_size / 256
+    lr: float = 1e-2              # at batch 256; the lr used is lr * batch_size / 256
     warmup_epochs: float = 1.0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
     weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
     # finetuning (and probing), single images, four-way scans
-    finetune_epochs: int = 10
+    finetune_epochs: int = 60     # of the labelled part: 60 x 500 images by default
     ft_lr: float = 5e-3           # at batch 256
     ft_warmup_epochs: float = 1.0
     ft_min_scale: float = 0.35
@@ -76,7 +76,7 @@ class Args:
     labeled: int = 500            # finetune and probe on the first N training images (0: all); pretraining sees all
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
-    eval_every: int = 4           # epochs between test evaluations (and sample grids); the last epoch always
+    eval_every: int = 8           # epochs between test evaluations (and sample grids); the last epoch always
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda

@@ -24,7 +24,8 @@ import star  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false", "--log_every", "2"]
+SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false", "--log_every", "2",
+         "--finetune_epochs", "1"]
 CPU = SimpleNamespace(device=torch.device("cpu"), master=True, ddp=False, rank=0, world=1)
 
 
@@ -231,8 +232,8 @@ def test_cifar_offline_says_how_to_use_local_data(tmp_path, monkeypatch):
 
 def test_mismatched_checkpoint_config(default_run, tmp_path):
     out, _ = default_run
-    with pytest.raises(ValueError, match="width=32 there, 64 here"):
-        run(tmp_path / "ft", "--mode", "finetune", "--init", str(out / "pretrain.pt"), "--width", "64")
+    with pytest.raises(ValueError, match="width=64 there, 32 here"):
+        run(tmp_path / "ft", "--mode", "finetune", "--init", str(out / "pretrain.pt"), "--width", "32")
     with pytest.raises(ValueError, match="needs a pretrain one"):
         run(tmp_path / "ft2", "--mode", "finetune", "--init", str(out / "finetune.pt"))
     # resuming with another config names the field
