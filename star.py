@@ -804,8 +804,8 @@ class StarClassifier(nn.Module):
 # -----------------------------------------------------------------------------
 # Presets. Parameters of the classifier (four-way scans) / of the pretraining model (with the decoder):
 #   tiny   35,582 / 52,308        tests in seconds on a CPU; 16 tokens an image, K=2
-#   demo   202,394 / 272,976      the CPU demo (one causal scan to classify): next patch (cluster 1), so that
-#                                 pretraining reads the tokens in the raster order the classifier scans; K=2
+#   demo   202,394 / 272,976      the CPU demo, K=2; one causal scan to classify, and next-patch
+#                                 targets (cluster 1), so pretraining reads the tokens in that order
 #   cifar  5,629,642 / 7,022,064  32 px, patch 4, clusters of 2x2, K=4: 4 x (4 + 64) = 272 tokens
 #   base   84,879,592 / 94,535,168  STAR-B: 192 px, patch 16, clusters of 4x4, K=4: 4 x (16 + 144) = 640 tokens;
 #          ARM-B has about 85M as a finetuned classifier (finetuning at 224 px changes no parameter count)

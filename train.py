@@ -1,9 +1,10 @@
 """
 Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or evaluate it.
 
-    python train.py                                  # offline demo: built-in shapes, 500 of them labelled, CPU minutes
-    python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --ft_lr 1e-3 \
-        --labeled 0 --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 --out runs/c10   # CIFAR-10, 87% (README; data/)
+    python train.py                                  # offline demo: shapes, 500 labelled, CPU
+    python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 \
+        --ft_lr 1e-3 --labeled 0 --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 \
+        --out runs/c10                               # CIFAR-10 on a GPU, 87% (README; data/)
     python train.py --images_per_seq 1 --separator none ...   # the ARM baseline; K>1 with no separator: concat only
     python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/c10_ft   # (no --init: from scratch)
     python train.py --mode probe --init runs/c10/pretrain.pt --out runs/c10_probe   # linear probe, frozen encoder
@@ -53,7 +54,7 @@ class Args:
     img_size: int = 0             # resize the images to this side (0: keep the data's size)
     num_train: int = 0            # use the first N training images (0: all; synthetic: 5000 generated)
     num_test: int = 0             # the same for the test split (synthetic: 1000)
-    preset: str = "demo"          # star.py preset: tiny | demo | cifar | base; other model fields are flags too
+    preset: str = "demo"          # star.py preset: tiny | demo | cifar | base
     init: str = ""                # pretraining checkpoint to finetune or probe; the checkpoint to evaluate
     out: str = "runs/default"     # run folder
     resume: bool = False          # continue the checkpoints in --out where they stopped
@@ -73,10 +74,10 @@ class Args:
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
     label_smoothing: float = 0.1
     layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
-    labeled: int = 500            # finetune and probe on the first N training images (0: all); pretraining sees all
+    labeled: int = 500            # finetune, probe on the first N training images (0: all)
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
-    eval_every: int = 8           # epochs between test evaluations (and sample grids); the last epoch always
+    eval_every: int = 8           # epochs between test evaluations and sample grids; and the last
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
@@ -471,7 +472,7 @@ def complete_lower_half(model, imgs):
 
 @torch.no_grad()
 def sample_grid(model, data, args, env, path):
-    """A PNG of three labelled rows: test images, teacher-forced next-cluster predictions, completed lower halves."""
+    """A PNG of three labelled rows: test images, teacher-forced predictions, completions."""
     K = model.cfg.images_per_seq
     n = min(-(-args.num_samples // K) * K, len(data.x_test) // K * K)
     if n == 0:
@@ -490,7 +491,7 @@ GRID_MARGIN = 80  # left margin for the row labels, px
 
 
 def save_rows(rows, labels, path, pad=2):
-    """A PNG of labelled rows of images (each (n, C, H, W) in [0, 1]), every image enlarged GRID_SCALE times."""
+    """A PNG of labelled rows of images (each (n, C, H, W) in [0, 1]), enlarged GRID_SCALE times."""
     from PIL import Image, ImageDraw
     big = [F.interpolate(r.float().cpu(), scale_factor=GRID_SCALE, mode="nearest") for r in rows]
     grid = make_grid(torch.cat(big), nrow=len(rows[0]), padding=pad, pad_value=1.0)  # (3, H, W)
@@ -712,8 +713,9 @@ def finetune(name, cfg, data, args, env, init="", frozen=False):
 def labeled_part(data, n):
     """The first n training images and their labels (0: all), the labelled set that finetuning sees.
 
-    The semi-supervised setting: pretraining reads every training image without its label, finetuning a few
-    labelled ones; the mean and std stay those of all the images. The data sets' order is random already.
+    The semi-supervised setting: pretraining reads every training image without its label,
+    finetuning a few labelled ones; the mean and std stay those of all the images. The data sets'
+    order is random already.
     """
     if not n or n >= len(data.x):
         return data
@@ -759,15 +761,16 @@ def run(args, env):
         h["pretrain"] = pretrain(cfg, data, args, env)
     labeled = labeled_part(data, args.labeled)
     if "finetune" in phases:
-        h["finetune"] = finetune("finetune", cfg, labeled, args, env, os.path.join(args.out, "pretrain.pt")
-                                 if args.mode == "all" else args.init)
+        init = os.path.join(args.out, "pretrain.pt") if args.mode == "all" else args.init
+        h["finetune"] = finetune("finetune", cfg, labeled, args, env, init)
     if "scratch" in phases:
         h["scratch"] = finetune("scratch", cfg, labeled, args, env)
     if "probe" in phases:
         init = args.init or os.path.join(args.out, "pretrain.pt")
         h["probe"] = finetune("probe", cfg, labeled, args, env, init, frozen=True)
-    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test), "labeled": len(labeled.x),
-               "preset": args.preset, "minutes": round((time.time() - t0) / 60, 2)}
+    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test),
+               "labeled": len(labeled.x), "preset": args.preset,
+               "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
         summary |= {"K": cfg.images_per_seq, "separator": cfg.separator, "ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
     for p in ("finetune", "scratch", "probe"):
@@ -780,23 +783,28 @@ def run(args, env):
 
 
 def report(s, cfg, args):
-    """What a learner reads at the end: one screen, the numbers that say whether pretraining paid off."""
-    lines = [f"\nSTAR on {s['data']}: {s['train']} training and {s['test']} test images of {cfg.in_chans}x"
-             f"{cfg.img_size}x{cfg.img_size}, preset {s['preset']}, seed {args.seed}"]
+    """What a learner reads at the end: one screen, the numbers that say if pretraining paid off."""
+    size = f"{cfg.in_chans}x{cfg.img_size}x{cfg.img_size}"
+    lines = [f"\nSTAR on {s['data']}: {s['train']} training and {s['test']} test images of {size}, "
+             f"preset {s['preset']}, seed {args.seed}"]
     if "ar_loss_before" in s:
-        lines += [f"  pretraining on all {s['train']} training images, without labels: {args.pretrain_epochs} epochs "
-                  f"(K={cfg.images_per_seq}, separator {cfg.separator})",
-                  f"    AR loss (test)    {s['ar_loss_before']:.4f} before, {s['ar_loss_after']:.4f} after"]
+        how = f"K={cfg.images_per_seq}, separator {cfg.separator}"
+        lines.append(f"  pretraining on all {s['train']} training images, without labels: "
+                     f"{args.pretrain_epochs} epochs ({how})")
+        lines.append(f"    AR loss (test)    {s['ar_loss_before']:.4f} before, "
+                     f"{s['ar_loss_after']:.4f} after")
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
     names = {"finetune": f"finetuned from {init}", "scratch": "from scratch", "probe": f"linear probe of {init}"}
     if any(f"{p}_acc" in s for p in names):
-        lines.append(f"  finetuning on {s['labeled']} labelled training images, {args.finetune_epochs} epochs"
-                     + (", the same recipe for both:" if "scratch_acc" in s else ":"))
+        both = ", the same recipe for both:" if "scratch_acc" in s else ":"
+        lines.append(f"  finetuning on {s['labeled']} labelled training images, "
+                     f"{args.finetune_epochs} epochs{both}")
     for p, what in names.items():
         if f"{p}_acc" in s:
             lines.append(f"    test accuracy     {100 * s[p + '_acc']:.1f}%  {what}")
     if "finetune_acc" in s and "scratch_acc" in s:
-        lines.append(f"    pretraining adds  {100 * (s['finetune_acc'] - s['scratch_acc']):+.1f} points")
+        gain = 100 * (s["finetune_acc"] - s["scratch_acc"])
+        lines.append(f"    pretraining adds  {gain:+.1f} points")
     grid = os.path.join(args.out, f"samples_pretrain_e{args.pretrain_epochs:03d}.png")
     if "ar_loss_before" in s and os.path.isfile(grid):
         lines.append(f"  pictures: {grid} (input, predicted, completed)")

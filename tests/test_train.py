@@ -24,8 +24,8 @@ import star  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false", "--log_every", "2",
-         "--finetune_epochs", "1"]
+SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false",
+         "--log_every", "2", "--finetune_epochs", "1"]
 CPU = SimpleNamespace(device=torch.device("cpu"), master=True, ddp=False, rank=0, world=1)
 
 
@@ -42,10 +42,12 @@ def records(out):
 def default_run(tmp_path_factory):
     """The default job (pretrain, finetune from it, finetune from scratch) at a reduced size."""
     out = tmp_path_factory.mktemp("default") / "run"
-    with contextlib.redirect_stdout(io.StringIO()) as printed, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        summary = run(out, "--pretrain_epochs", "2", "--finetune_epochs", "1", "--eval_every", "1", "--labeled", "48")
-    (out.parent / "report.txt").write_text(printed.getvalue())  # what a learner would see, for the test below
+    argv = ["--pretrain_epochs", "2", "--eval_every", "1", "--labeled", "48"]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = run(out, *argv)
+    (out.parent / "report.txt").write_text(printed.getvalue())  # what a learner sees, for a test
     (out.parent / "warnings.txt").write_text("\n".join(str(w.message) for w in caught))
     return out, summary
 
@@ -54,7 +56,7 @@ def test_default_run_end_to_end(default_run, capsys):
     out, summary = default_run
     assert summary["ar_loss_after"] < summary["ar_loss_before"]  # pretraining learns something
     assert 0 <= summary["finetune_acc"] <= 1 and 0 <= summary["scratch_acc"] <= 1
-    assert summary["labeled"] == 48 and summary["train"] == 96  # finetuning sees only the labelled part
+    assert summary["labeled"] == 48 and summary["train"] == 96  # finetuning: the labelled part
     for name in ("pretrain.pt", "finetune.pt", "scratch.pt", "samples_pretrain_e000.png", "samples_pretrain_e002.png"):
         assert os.path.isfile(out / name), name
     ft = [r for r in records(out) if r.get("phase") == "finetune" and r["epoch"] == 1][0]
@@ -64,8 +66,8 @@ def test_default_run_end_to_end(default_run, capsys):
         assert key in ckpt
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 // 16)
     assert set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}
-    # the grid: a label margin, then three rows (input, predicted, completed) of num_samples images, each
-    # enlarged 3x (32 px -> 96 px), 2 px padding
+    # the grid: a label margin, then three rows (input, predicted, completed) of num_samples
+    # images, each enlarged 3x (32 px -> 96 px), 2 px padding
     w, h = Image.open(out / "samples_pretrain_e002.png").size
     assert (w, h) == (train.GRID_MARGIN + 8 * 98 + 2, 3 * 98 + 2)
     lines = records(out)
@@ -78,7 +80,8 @@ def test_default_report_is_one_screen_of_what_a_learner_needs(default_run):
     out, summary = default_run
     text = (out.parent / "report.txt").read_text()
     report = text[text.index("STAR on synthetic"):].strip().splitlines()
-    assert len(report) <= 12 and all(len(line.replace(str(out), "runs/default")) <= 100 for line in report)
+    assert len(report) <= 12
+    assert all(len(line.replace(str(out), "runs/default")) <= 100 for line in report)
     assert "96 training and 32 test images" in report[0] and "seed 0" in report[0]
     assert f"{summary['ar_loss_before']:.4f} before, {summary['ar_loss_after']:.4f} after" in text
     assert "finetuning on 48 labelled training images" in text
@@ -233,7 +236,8 @@ def test_cifar_offline_says_how_to_use_local_data(tmp_path, monkeypatch):
 def test_mismatched_checkpoint_config(default_run, tmp_path):
     out, _ = default_run
     with pytest.raises(ValueError, match="width=64 there, 32 here"):
-        run(tmp_path / "ft", "--mode", "finetune", "--init", str(out / "pretrain.pt"), "--width", "32")
+        run(tmp_path / "ft", "--mode", "finetune", "--init", str(out / "pretrain.pt"),
+            "--width", "32")
     with pytest.raises(ValueError, match="needs a pretrain one"):
         run(tmp_path / "ft2", "--mode", "finetune", "--init", str(out / "finetune.pt"))
     # resuming with another config names the field
