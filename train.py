@@ -66,7 +66,7 @@ class Args:
     warmup_epochs: float = 1.0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
     weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
-    # finetuning (and probing), single images, four-way scans
+    # finetuning (and probing), single images, the preset's scans (scan_dirs)
     finetune_epochs: int = 60     # of the labelled part: 60 x 500 images by default
     ft_lr: float = 5e-3           # at batch 256
     ft_warmup_epochs: float = 1.0
@@ -77,7 +77,7 @@ class Args:
     labeled: int = 500            # finetune, probe on the first N training images (0: all)
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
-    eval_every: int = 8           # epochs between test evaluations and sample grids; and the last
+    eval_every: int = 8           # epochs between test evaluations and sample grids, and the last
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
