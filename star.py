@@ -913,6 +913,8 @@ class StarClassifier(nn.Module):
 # -----------------------------------------------------------------------------
 # Presets. Parameters of the classifier (four-way scans) / of the pretraining model (with the decoder):
 #   tiny   35,582 / 52,212        tests in seconds on a CPU; 16 tokens an image, K=2
+#   demo   202,394 / 272,976      the CPU demo, K=2; one causal scan to classify, and next-patch
+#                                 targets (cluster 1), so pretraining reads the tokens in that order
 #   cifar  5,629,642 / 7,464,432  32 px, patch 4, clusters of 2x2, K=4: 4 x (4 + 64) = 272 tokens
 #   base   84,879,592 / 99,243,776  STAR-B: 192 px, patch 16, clusters of 4x4, K=4:
 #          4 x (16 + 144) = 640 tokens; ARM-B has about 85M as a finetuned classifier
@@ -921,6 +923,8 @@ class StarClassifier(nn.Module):
 PRESETS = {
     "tiny": StarConfig(img_size=32, patch=8, cluster=2, width=32, depth=2, d_state=4, dec_width=32,
                        dec_depth=1, dec_heads=2, taps=2, images_per_seq=2),  # tiny heads: 16 wide
+    "demo": StarConfig(img_size=32, patch=8, cluster=1, width=64, depth=4, d_state=4, dec_width=64,
+                       dec_depth=1, dec_heads=2, taps=2, images_per_seq=2, scan_dirs=1),
     "cifar": StarConfig(),
     "base": StarConfig(img_size=192, patch=16, cluster=4, width=768, depth=12, dec_width=512,
                        dec_heads=8, num_classes=1000),

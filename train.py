@@ -1,9 +1,10 @@
 """
 Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or evaluate it.
 
-    python train.py                                  # offline demo: built-in shapes data, tiny model, a few CPU minutes
-    python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --ft_lr 1e-3 \
-        --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 --out runs/c10   # CIFAR-10, 87% (README; data/)
+    python train.py                                  # offline demo: shapes, 500 labelled, CPU
+    python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 \
+        --ft_lr 1e-3 --labeled 0 --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 \
+        --out runs/c10                               # CIFAR-10 on a GPU, 87% (README; data/)
     python train.py --images_per_seq 1 --separator none ...   # the ARM baseline; K>1 with no separator: concat only
     python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/c10_ft   # (no --init: from scratch)
     python train.py --mode probe --init runs/c10/pretrain.pt --out runs/c10_probe   # linear probe, frozen encoder
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import star
@@ -56,7 +57,7 @@ class Args:
     img_size: int = 0             # resize the images to this side (0: keep the data's size)
     num_train: int = 0            # use the first N training images (0: all; synthetic: 5000 generated)
     num_test: int = 0             # the same for the test split (synthetic: 1000)
-    preset: str = "tiny"          # star.py preset: tiny | cifar | base; other model fields are flags too
+    preset: str = "demo"          # star.py preset: tiny | demo | cifar | base
     init: str = ""                # pretraining checkpoint to finetune or probe; the checkpoint to evaluate
     out: str = "runs/default"     # run folder
     resume: bool = False          # continue the checkpoints in --out where they stopped
@@ -64,22 +65,23 @@ class Args:
     # pretraining, ARM's recipe (short runs want a higher lr than ARM's 1.5e-4 over 1600 epochs)
     pretrain_epochs: int = 16     # passes over the training set
     batch_size: int = 64          # global batch of both phases, in images, split evenly over the GPUs
-    lr: float = 2e-3              # at batch 256; the lr used is lr * batch_size / 256
+    lr: float = 1e-2              # at batch 256; the lr used is lr * batch_size / 256
     warmup_epochs: float = 1.0    # linear lr warm-up, then cosine decay to 0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
     weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
     clip_grad: float = 3.0        # pretraining only: clip the gradient norm (ARM: 3.0); 0 = off
-    # finetuning (and probing), single images, four-way scans
-    finetune_epochs: int = 10     # passes over the training set
+    # finetuning (and probing), single images, the preset's scans (scan_dirs)
+    finetune_epochs: int = 60     # of the labelled part: 60 x 500 images by default
     ft_lr: float = 5e-3           # at batch 256
     ft_warmup_epochs: float = 1.0  # the same for finetuning
     ft_min_scale: float = 0.35    # the same for finetuning
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
     label_smoothing: float = 0.1  # finetuning cross-entropy
     layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
+    labeled: int = 500            # finetune, probe on the first N training images (0: all)
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
-    eval_every: int = 4           # epochs between test evaluations (and sample grids); the last epoch always
+    eval_every: int = 8           # epochs between test evaluations and sample grids, and the last
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
@@ -98,7 +100,7 @@ RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "ba
            "weight_decay", "precision")
 PRETRAIN_FLAGS = ("lr", "warmup_epochs", "min_scale", "clip_grad")
 FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "label_smoothing",
-                  "layer_decay")
+                  "layer_decay", "labeled")
 SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")  # the weights' shapes
 
 
@@ -157,7 +159,8 @@ LIMITS = {"batch_size": (1, math.inf), "log_every": (1, math.inf), "eval_every":
           "num_samples": (0, math.inf), "warmup_epochs": (0, math.inf),
           "ft_warmup_epochs": (0, math.inf), "weight_decay": (0, math.inf), "min_scale": (0, 1),
           "ft_min_scale": (0, 1), "layer_decay": (0, 1), "ft_drop_path": (0, 1),
-          "label_smoothing": (0, 1), "drop_path": (0, 1)}
+          "label_smoothing": (0, 1), "drop_path": (0, 1), "labeled": (0, math.inf),
+          "clip_grad": (0, math.inf)}
 POSITIVE = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
 
 
@@ -615,7 +618,7 @@ def complete_lower_half(model, imgs):
 
 @torch.no_grad()
 def sample_grid(model, data, args, env, path):
-    """A PNG of three rows: test images, teacher-forced next-cluster predictions, autoregressive lower halves."""
+    """A PNG of three labelled rows: test images, teacher-forced predictions, completions."""
     K = model.cfg.images_per_seq
     n = min(-(-args.num_samples // K) * K, len(data.x_test) // K * K)
     if n == 0:
@@ -625,7 +628,27 @@ def sample_grid(model, data, args, env, path):
     with autocast(env):
         rows = [imgs, model.predicted_images(imgs).float(), complete_lower_half(model, imgs)]
     model.train()
-    save_image((torch.cat(rows) * data.std + data.mean).clamp(0, 1), path, nrow=n)
+    save_rows([(r * data.std + data.mean).clamp(0, 1) for r in rows], ROW_LABELS, path)
+
+
+ROW_LABELS = ("input", "predicted", "completed")
+GRID_SCALE = 3  # nearest-neighbour enlargement: a 32 px image shows as 96 px
+GRID_MARGIN = 80  # left margin for the row labels, px
+
+
+def save_rows(rows, labels, path, pad=2):
+    """A PNG of labelled rows of images (each (n, C, H, W) in [0, 1]), enlarged GRID_SCALE times."""
+    from PIL import Image, ImageDraw
+    big = [F.interpolate(r.float().cpu(), scale_factor=GRID_SCALE, mode="nearest") for r in rows]
+    grid = make_grid(torch.cat(big), nrow=len(rows[0]), padding=pad, pad_value=1.0)  # (3, H, W)
+    grid = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    page = Image.new("RGB", (GRID_MARGIN + grid.width, grid.height), "white")
+    page.paste(grid, (GRID_MARGIN, 0))
+    draw = ImageDraw.Draw(page)
+    side = big[0].shape[-1] + pad
+    for i, label in enumerate(labels):
+        draw.text((4, pad + i * side + side // 2 - 6), label, fill="black")
+    page.save(path)
 
 # -----------------------------------------------------------------------------
 # the training loop, shared by pretraining, finetuning and probing
@@ -850,6 +873,18 @@ def finetune(name, cfg, data, args, env, init="", frozen=False):
                        args.ft_min_scale, betas=(0.9, 0.999), layer_decay=1.0 if frozen else args.layer_decay)
 
 
+def labeled_part(data, n):
+    """The first n training images and their labels (0: all), the labelled set that finetuning sees.
+
+    The semi-supervised setting: pretraining reads every training image without its label,
+    finetuning a few labelled ones; the mean and std stay those of all the images. The data sets'
+    order is random already.
+    """
+    if not n or n >= len(data.x):
+        return data
+    return SimpleNamespace(**(vars(data) | {"x": data.x[:n], "y": data.y[:n]}))
+
+
 def evaluate_checkpoint(data, args, env):
     """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
     if not args.init:
@@ -920,15 +955,17 @@ def run(args, env):
     h = {}
     if "pretrain" in phases:
         h["pretrain"] = pretrain(cfg, data, args, env)
+    labeled = labeled_part(data, args.labeled)
     if "finetune" in phases:
-        h["finetune"] = finetune("finetune", cfg, data, args, env, os.path.join(args.out, "pretrain.pt")
-                                 if args.mode == "all" else args.init)
+        init = os.path.join(args.out, "pretrain.pt") if args.mode == "all" else args.init
+        h["finetune"] = finetune("finetune", cfg, labeled, args, env, init)
     if "scratch" in phases:
-        h["scratch"] = finetune("scratch", cfg, data, args, env)
+        h["scratch"] = finetune("scratch", cfg, labeled, args, env)
     if "probe" in phases:
         init = args.init or os.path.join(args.out, "pretrain.pt")
-        h["probe"] = finetune("probe", cfg, data, args, env, init, frozen=True)
-    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test), "preset": args.preset,
+        h["probe"] = finetune("probe", cfg, labeled, args, env, init, frozen=True)
+    summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test),
+               "labeled": len(labeled.x), "preset": args.preset,
                "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
         summary |= {"K": cfg.images_per_seq, "separator": cfg.separator, "ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
@@ -942,16 +979,31 @@ def run(args, env):
 
 
 def report(s, cfg, args):
-    lines = [f"\nSTAR on {s['data']} ({s['train']} train / {s['test']} test images, {cfg.in_chans}x{cfg.img_size}"
-             f"x{cfg.img_size}), preset {s['preset']}"]
+    """What a learner reads at the end: one screen, the numbers that say if pretraining paid off."""
+    size = f"{cfg.in_chans}x{cfg.img_size}x{cfg.img_size}"
+    lines = [f"\nSTAR on {s['data']}: {s['train']} training and {s['test']} test images of {size}, "
+             f"preset {s['preset']}, seed {args.seed}"]
     if "ar_loss_before" in s:
-        lines.append(f"  AR loss (test)      {s['ar_loss_before']:.4f} before, {s['ar_loss_after']:.4f} after "
-                     f"{args.pretrain_epochs} epochs of pretraining (K={cfg.images_per_seq}, separator {cfg.separator})")
+        how = f"K={cfg.images_per_seq}, separator {cfg.separator}"
+        lines.append(f"  pretraining on all {s['train']} training images, without labels: "
+                     f"{args.pretrain_epochs} epochs ({how})")
+        lines.append(f"    AR loss (test)    {s['ar_loss_before']:.4f} before, "
+                     f"{s['ar_loss_after']:.4f} after")
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
     names = {"finetune": f"finetuned from {init}", "scratch": "from scratch", "probe": f"linear probe of {init}"}
+    if any(f"{p}_acc" in s for p in names):
+        both = ", the same recipe for both:" if "scratch_acc" in s else ":"
+        lines.append(f"  finetuning on {s['labeled']} labelled training images, "
+                     f"{args.finetune_epochs} epochs{both}")
     for p, what in names.items():
         if f"{p}_acc" in s:
-            lines.append(f"  test accuracy       {100 * s[p + '_acc']:.1f}%  {what} ({args.finetune_epochs} epochs)")
+            lines.append(f"    test accuracy     {100 * s[p + '_acc']:.1f}%  {what}")
+    if "finetune_acc" in s and "scratch_acc" in s:
+        gain = 100 * (s["finetune_acc"] - s["scratch_acc"])
+        lines.append(f"    pretraining adds  {gain:+.1f} points")
+    grid = os.path.join(args.out, f"samples_pretrain_e{args.pretrain_epochs:03d}.png")
+    if "ar_loss_before" in s and os.path.isfile(grid):
+        lines.append(f"  pictures: {grid} (input, predicted, completed)")
     lines.append(f"  {s['minutes']} minutes; run folder {args.out}")
     print("\n".join(lines), flush=True)
 

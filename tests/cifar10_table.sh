@@ -15,7 +15,8 @@ OUT=${1:?usage: bash tests/cifar10_table.sh OUT SEED [train.py flags...]}
 SEED=${2:?usage: bash tests/cifar10_table.sh OUT SEED [train.py flags...]}
 shift 2
 COMMON=(--data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --pretrain_epochs 36
-        --ft_lr 1e-3 --finetune_epochs 15 --eval_every 6 --seed "$SEED" --progress false "$@")
+        --ft_lr 1e-3 --finetune_epochs 15 --eval_every 6 --labeled 0 --seed "$SEED" --progress false
+        "$@")
 PROBE=(--mode probe --scan_dirs 1 --finetune_epochs 8 --ft_lr 5e-3 --eval_every 8)
 PY=$(command -v python || command -v python3)
 mkdir -p "$OUT"

@@ -170,9 +170,9 @@ def test_unreadable_checkpoint(copy, tmp_path, capsys, spoil):
 
 @pytest.mark.parametrize("argv, fields", [
     (["--batch_size", "32"], ["batch_size=16 there, 32 here"]),
-    (["--lr", "1e-3"], ["lr=0.002 there, 0.001 here"]),
+    (["--lr", "1e-3"], ["lr=0.01 there, 0.001 here"]),
     (["--batch_size", "32", "--lr", "1e-3", "--seed", "1"],
-     ["batch_size=16", "lr=0.002", "seed=0"]),
+     ["batch_size=16", "lr=0.01", "seed=0"]),
     (["--num_train", "64"], ["num_train=96 there, 64 here"]),
     (["--data", "npz:{tmp}/other.npz"], ["data='synthetic' there"]),
 ])
@@ -244,5 +244,5 @@ def test_help_describes_every_flag():
     for a in flags:
         if not a.dest.startswith("model_"):  # model flags default to the preset's
             assert f"(default: {a.default})" in formatter._expand_help(a), a.dest
-    assert "{all,pretrain,finetune,probe,eval}" in text and "{tiny,cifar,base}" in text
+    assert "{all,pretrain,finetune,probe,eval}" in text and "{tiny,demo,cifar,base}" in text
     assert "{auto,cpu,cuda}" in text

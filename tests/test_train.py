@@ -3,6 +3,8 @@
 Each test runs train.py's own functions (train.main with a small command line) and checks what a user would see:
 the report, checkpoints, log lines and sample grids; exact resumption; the data loaders; the error messages.
 """
+import contextlib
+import io
 import json
 import os
 import re
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import urllib.error
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +25,8 @@ import star  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false", "--log_every", "2"]
+SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false",
+         "--log_every", "2", "--finetune_epochs", "1"]
 CPU = SimpleNamespace(device=torch.device("cpu"), master=True, ddp=False, rank=0, world=1)
 
 
@@ -50,7 +54,13 @@ def records(out):
 def default_run(tmp_path_factory):
     """The default job (pretrain, finetune from it, finetune from scratch) at a reduced size."""
     out = tmp_path_factory.mktemp("default") / "run"
-    summary = run(out, "--pretrain_epochs", "2", "--finetune_epochs", "1", "--eval_every", "1")
+    argv = ["--pretrain_epochs", "2", "--eval_every", "1", "--labeled", "48"]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = run(out, *argv)
+    (out.parent / "report.txt").write_text(printed.getvalue())  # what a learner sees, for a test
+    (out.parent / "warnings.txt").write_text("\n".join(str(w.message) for w in caught))
     return out, summary
 
 
@@ -58,20 +68,40 @@ def test_default_run_end_to_end(default_run, capsys):
     out, summary = default_run
     assert summary["ar_loss_after"] < summary["ar_loss_before"]  # pretraining learns something
     assert 0 <= summary["finetune_acc"] <= 1 and 0 <= summary["scratch_acc"] <= 1
+    assert summary["labeled"] == 48 and summary["train"] == 96  # finetuning: the labelled part
     for name in ("pretrain.pt", "finetune.pt", "scratch.pt", "samples_pretrain_e000.png", "samples_pretrain_e002.png"):
         assert os.path.isfile(out / name), name
+    ft = [r for r in records(out) if r.get("phase") == "finetune" and r["epoch"] == 1][0]
+    assert ft["step"] == 48 // 16  # an epoch of finetuning is the labelled images only
     ckpt = torch.load(out / "pretrain.pt", weights_only=False)
     for key in ("model", "optimizer", "config", "epoch", "step", "rng", "aug_rng", "data_order"):
         assert key in ckpt
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 // 16)
     assert set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}
-    # the grid: three rows (originals, predictions, completions) of num_samples images, 2 px padding
+    # the grid: a label margin, then three rows (input, predicted, completed) of num_samples
+    # images, each enlarged 3x (32 px -> 96 px), 2 px padding
     w, h = Image.open(out / "samples_pretrain_e002.png").size
-    assert (w, h) == (8 * 34 + 2, 3 * 34 + 2)
+    assert (w, h) == (train.GRID_MARGIN + 8 * 98 + 2, 3 * 98 + 2)
     lines = records(out)
     assert [r["epoch"] for r in lines if r.get("phase") == "pretrain"] == [0, 1, 2]
     assert all("img_per_s" in r for r in lines if r.get("epoch"))
     assert lines[-1]["summary"]["finetune_acc"] == summary["finetune_acc"]
+
+
+def test_default_report_is_one_screen_of_what_a_learner_needs(default_run):
+    out, summary = default_run
+    text = (out.parent / "report.txt").read_text()
+    report = text[text.index("STAR on synthetic"):].strip().splitlines()
+    assert len(report) <= 12
+    assert all(len(line.replace(str(out), "runs/default")) <= 100 for line in report)
+    assert "96 training and 32 test images" in report[0] and "seed 0" in report[0]
+    assert f"{summary['ar_loss_before']:.4f} before, {summary['ar_loss_after']:.4f} after" in text
+    assert "finetuning on 48 labelled training images" in text
+    assert f"{100 * summary['finetune_acc']:.1f}%  finetuned from the pretraining" in text
+    assert f"{100 * summary['scratch_acc']:.1f}%  from scratch" in text
+    assert f"pictures: {out / 'samples_pretrain_e002.png'}" in text
+    assert "Traceback" not in text and "warn" not in text.lower()
+    assert (out.parent / "warnings.txt").read_text() == ""
 
 
 def test_report_printed(tmp_path, capsys):
@@ -224,8 +254,8 @@ def test_cifar_offline_says_how_to_use_local_data(tmp_path, monkeypatch, capsys)
 def test_mismatched_checkpoint_config(default_run, tmp_path, capsys):
     out, _ = default_run
     ft = ["--mode", "finetune", "--init"]
-    line = refused(capsys, tmp_path / "ft", *ft, str(out / "pretrain.pt"), "--width", "64")
-    assert "width=32 there, 64 here" in line
+    line = refused(capsys, tmp_path / "ft", *ft, str(out / "pretrain.pt"), "--width", "32")
+    assert "width=64 there, 32 here" in line
     line = refused(capsys, tmp_path / "ft2", *ft, str(out / "finetune.pt"))
     assert "needs a pretrain one" in line
     # resuming with another config names the field
@@ -258,10 +288,13 @@ def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, t
     assert result["test_loss"] == summary["ar_loss_after"]
     parts = {k: v for k, v in result.items() if k.startswith("loss_slot")}
     assert sorted(parts) == ["loss_slot1_first", "loss_slot1_rest", "loss_slot2_first", "loss_slot2_rest"]
-    # tiny: K=2 images of 16 patches, first clusters of 4; the parts weighted by their targets
+    # K=2 images of N patches, first clusters of c*c; the parts weighted by their targets
+    cfg = torch.load(out / "pretrain.pt", weights_only=False)["config"]
+    cc = cfg["cluster"] ** 2
+    n = (cfg["img_size"] // cfg["patch"]) ** 2
     firsts = parts["loss_slot1_first"] + parts["loss_slot2_first"]
     rests = parts["loss_slot1_rest"] + parts["loss_slot2_rest"]
-    assert abs((4 * firsts + 12 * rests) / 32 / result["test_loss"] - 1) < 1e-5
+    assert abs((cc * firsts + (n - cc) * rests) / (2 * n) / result["test_loss"] - 1) < 1e-5
     assert {k: records(tmp_path / "e")[-1][k] for k in parts} == parts
     assert "AR test loss by image slot" in capsys.readouterr().out
 
