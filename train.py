@@ -226,7 +226,7 @@ def setup(args):
 
 
 def autocast_dtype(precision, device):
-    """bf16 on GPUs that compute in it natively (Ampere and later), fp16 on older GPUs, fp32 on CPUs."""
+    """bf16 on GPUs that compute in it natively (Ampere on), fp16 on older ones, fp32 on CPUs."""
     if precision == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if precision == "auto":
@@ -294,7 +294,7 @@ def synthetic_shapes(n, size=32, seed=0):
 
 
 def resize(x, size):
-    """uint8 (n, C, H, W) -> (n, C, size, size): centre crop to a square, then antialiased resizing."""
+    """uint8 (n, C, H, W) -> (n, C, size, size): a centre square, resized with antialiasing."""
     from torchvision.transforms.v2 import functional as TF
     x = TF.center_crop(x, [min(x.shape[-2:])] * 2)
     return TF.resize(x, [size, size], antialias=True)
@@ -337,7 +337,7 @@ def read_npz(pattern):
 
 
 def read_folder(root, size=0, classes=None):
-    """ImageFolder layout (root/CLASS/IMAGE); grayscale when every image is, resized to size when given."""
+    """ImageFolder layout (root/CLASS/IMAGE); grayscale if every image is; resized if size given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
@@ -401,7 +401,7 @@ def load_cifar(name, root, env):
 
 
 def load_data(args, env):
-    """The train and test images (uint8, on the device), labels, classes, and per-channel mean and std."""
+    """Train and test images (uint8, on the device), labels, classes, per-channel mean and std."""
     spec = args.data
     classes = None
     test = None
@@ -472,7 +472,7 @@ def normalize(x, data):
 
 
 def random_crops(n, gen, min_scale):
-    """Affine maps (n, 2, 3) for random-resized crops (area min_scale..1, aspect 3/4..4/3) and flips.
+    """Affine maps (n, 2, 3) for random resized crops (area min_scale..1, aspect 3/4..4/3), flips.
 
     Like torchvision's RandomResizedCrop, but a crop that would leave the image is clamped, not
     redrawn; drawn for a whole batch on the device, one per image (v2 draws one per batch).
@@ -491,7 +491,7 @@ def random_crops(n, gen, min_scale):
 
 
 def augment(x, theta, data):
-    """uint8 images (b, C, H, W) -> normalised float crops, in one batched resampling on the device."""
+    """uint8 images (b, C, H, W) -> normalised float crops, in one batched resampling."""
     x = normalize(x, data)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -500,7 +500,7 @@ def augment(x, theta, data):
 
 
 def model_config(args, data):
-    """The preset with the command line's fields, built for the data's image size, channels and classes."""
+    """The preset with the flags' model fields, for the data's image size, channels and classes."""
     c, h = data.x.shape[1:3]
     try:
         return star.make_config(args.preset, img_size=h, in_chans=c, num_classes=data.num_classes,
@@ -512,8 +512,8 @@ def model_config(args, data):
             raise UserError(f"model flags: {flags}") from None
         raise UserError(f"the images of {data.name} are {h}x{h} px, which the model cannot take "
                         f"({e}); pass --img_size with a multiple of patch*cluster = "
-                        f"{cfg.patch * cfg.cluster} to resize them, or another --patch / --cluster") \
-            from None
+                        f"{cfg.patch * cfg.cluster} to resize them, or another --patch or --cluster"
+                        ) from None
 
 
 def check_config(saved, cfg, names, what):
@@ -563,7 +563,7 @@ def param_groups(model, weight_decay, layer_decay=1.0):
 
 
 def eval_batches(data, unit, args, env):
-    """This rank's share of the test split, normalised, in batches of whole sequences of unit images."""
+    """This rank's share of the test split, in batches of whole sequences of unit images."""
     n = len(data.x_test) // unit
     per = -(-n // env.world) * unit  # images per rank
     hi = min(n * unit, (env.rank + 1) * per)
@@ -574,7 +574,7 @@ def eval_batches(data, unit, args, env):
 
 @torch.no_grad()
 def evaluate(model, data, args, env):
-    """Test loss (the STAR objective or cross-entropy) and accuracy, over all of the test split, all ranks."""
+    """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split."""
     classify = isinstance(model, star.StarClassifier)
     unit = 1 if classify else model.cfg.images_per_seq
     if len(data.x_test) < unit:
@@ -655,8 +655,8 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
     phase = SimpleNamespace(
         name=name, path=os.path.join(args.out, f"{name}.pt"), model=model, classify=classify,
         optimizer=torch.optim.AdamW(groups, lr=lr, betas=betas),
-        scaler=torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16),  # underflow
-        gen=torch.Generator(env.device).manual_seed(args.seed),  # crops and flips, the same on all ranks
+        scaler=torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16),
+        gen=torch.Generator(env.device).manual_seed(args.seed),  # crops and flips, on every rank
         epochs=epochs, steps=steps, min_scale=min_scale, lr=lr * args.batch_size / 256,
         warmup=round(warmup_epochs * steps), total=epochs * steps)
     torch.manual_seed(args.seed + env.rank)  # drop-path masks
@@ -664,8 +664,9 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
     if args.resume and os.path.exists(phase.path):
         start, history = restore(phase, args, env)
     else:
-        history = [{"phase": name, "epoch": 0, "step": 0, **evaluate_phase(phase, 0, data, args, env)}]
-        log_line(history[-1], args, env)
+        rec = {"phase": name, "epoch": 0, "step": 0} | evaluate_phase(phase, 0, data, args, env)
+        history = [rec]
+        log_line(rec, args, env)
     ddp_model = model
     if env.ddp:
         ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None)
@@ -701,7 +702,8 @@ def train_epoch(phase, model, epoch, data, args, env):
         for group in phase.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         idx = perm[i * B:(i + 1) * B][lo:hi]
-        x = augment(data.x[idx], random_crops(B, phase.gen, phase.min_scale)[lo:hi], data)  # (b, C, H, W)
+        crops = random_crops(B, phase.gen, phase.min_scale)[lo:hi]  # drawn for all B: same stream
+        x = augment(data.x[idx], crops, data)  # (B / world, C, H, W)
         with autocast(env):
             out = model(x)  # pretraining: the STAR loss; finetuning: logits (b, classes)
         loss = out
@@ -755,8 +757,9 @@ def check_losses(losses, first, epoch, phase, env):
             if os.path.exists(phase.path):
                 kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, "
                         f"then --resume")
-            raise SystemExit(f"{phase.name}: the loss became {v} at step {epoch * phase.steps + batch} "
-                             f"(epoch {epoch + 1}, batch {batch}); stopped. {kept}")
+            raise SystemExit(f"{phase.name}: the loss became {v} at step "
+                             f"{epoch * phase.steps + batch} (epoch {epoch + 1}, batch {batch}); "
+                             f"stopped. {kept}")
     return losses
 
 
@@ -772,7 +775,8 @@ def evaluate_phase(phase, epoch, data, args, env):
 def save_checkpoint(phase, epoch, history, data, args, env):
     """All a resumed run needs to go on exactly, written atomically (a temporary file, then
     os.replace): a Ctrl-C or a full disk keeps the last checkpoint."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
     rngs = [rng]
     if env.ddp:  # every rank's streams, so that a resumed multi-GPU run goes on exactly too
@@ -791,7 +795,9 @@ def save_checkpoint(phase, epoch, history, data, args, env):
         except (OSError, RuntimeError) as e:  # disk full: torch reports it as either
             if os.path.exists(phase.path + ".tmp"):
                 os.remove(phase.path + ".tmp")
-            kept = "keeps the last good state" if os.path.exists(phase.path) else "was not written yet"
+            kept = "was not written yet"
+            if os.path.exists(phase.path):
+                kept = "keeps the last good state"
             raise UserError(f"could not write {phase.path} ({e}); it {kept}. Free some disk space, "
                             f"then run the same command with --resume") from None
     if env.ddp:
@@ -802,7 +808,8 @@ def restore(phase, args, env):
     """Put the model, optimizer and every random stream back as they were at the end of the epoch
     saved in phase.path; return that epoch and the history so far."""
     ckpt = load_checkpoint(phase.path, phase.name)
-    check_config(ckpt["config"], phase.model.cfg, [f.name for f in fields(star.StarConfig)], phase.path)
+    names = [f.name for f in fields(star.StarConfig)]
+    check_config(ckpt["config"], phase.model.cfg, names, phase.path)
     flags = PRETRAIN_FLAGS if phase.name == "pretrain" else FINETUNE_FLAGS
     check_config(ckpt["args"], args, RESUMED + flags, phase.path)
     phase.model.load_state_dict(ckpt["model"])
@@ -824,7 +831,8 @@ def restore(phase, args, env):
 
 def log_line(rec, args, env):
     if env.master:
-        log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        words = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+        log.info(" ".join(words))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -835,8 +843,9 @@ def log_line(rec, args, env):
 def pretrain(cfg, data, args, env):
     torch.manual_seed(args.seed)
     model = star.StarPretrain(cfg).to(env.device)
-    log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: K={cfg.images_per_seq} "
-             f"images per sequence, separator {cfg.separator}, {cfg.seq_len} tokens")
+    log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: "
+             f"K={cfg.images_per_seq} images per sequence, separator {cfg.separator}, "
+             f"{cfg.seq_len} tokens")
     return train_phase("pretrain", model, data, args, env, args.pretrain_epochs, args.lr,
                        args.warmup_epochs, args.min_scale, betas=(0.9, 0.95))
 
@@ -872,9 +881,10 @@ def evaluate_checkpoint(data, args, env):
     ckpt = load_checkpoint(args.init)
     cfg = star.StarConfig(**ckpt["config"])
     c, h, w = data.x.shape[1:]
-    if (c, h, w) != (cfg.in_chans, cfg.img_size, cfg.img_size) or cfg.num_classes < data.num_classes:
-        raise UserError(f"{data.name} ({c} x {h} x {w} images, {data.num_classes} classes) does not "
-                        f"fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x "
+    fits = (c, h, w) == (cfg.in_chans, cfg.img_size, cfg.img_size)
+    if not fits or cfg.num_classes < data.num_classes:
+        raise UserError(f"{data.name} ({c} x {h} x {w} images, {data.num_classes} classes) does "
+                        f"not fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x "
                         f"{cfg.img_size}, {cfg.num_classes} classes); --img_size {cfg.img_size} "
                         f"resizes the images")
     pretrained = ckpt["phase"] == "pretrain"
