@@ -556,9 +556,10 @@ def param_groups(model, weight_decay, layer_decay=1.0):
             layer = 0
         elif name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
-        key = (no_decay, layer_decay ** (depth + 1 - layer))
-        group = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": key[1]}
-        groups.setdefault(key, group)["params"].append(p)
+        scale = layer_decay ** (depth + 1 - layer)
+        decay = 0.0 if no_decay else weight_decay
+        new = {"params": [], "weight_decay": decay, "lr_scale": scale}
+        groups.setdefault((no_decay, scale), new)["params"].append(p)
     return list(groups.values())
 
 
@@ -684,10 +685,8 @@ def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_sca
 
 
 def train_epoch(phase, model, epoch, data, args, env):
-    """One pass over the training set, step by step; returns the mean loss and the last lr.
-
-    model is phase.model, wrapped in DDP when there are several processes: every rank takes its
-    share of each global batch of args.batch_size images."""
+    """One pass over the training set; returns the mean loss and the last lr. model is phase.model,
+    in DDP when there are several processes: each rank takes its share of every global batch."""
     B = args.batch_size
     lo = env.rank * B // env.world
     hi = (env.rank + 1) * B // env.world
@@ -744,22 +743,22 @@ def lr_at(step, lr, warmup, total):
 
 
 def check_losses(losses, first, epoch, phase, env):
-    """The losses of batches first.. of this epoch, averaged over the ranks, as floats; a loss that
-    is not finite stops the run (on every rank, as all see the same)."""
+    """The losses of batches first.. of this epoch, averaged over the ranks, read back; one that is
+    not finite stops the run (on every rank: all see the same)."""
     losses = losses.clone()
     if env.ddp:
         dist.all_reduce(losses, op=dist.ReduceOp.AVG)
     losses = losses.tolist()
-    for j, v in enumerate(losses):
-        if not math.isfinite(v):
-            batch = first + j + 1  # counting from 1
-            kept = "No checkpoint was written yet."
-            if os.path.exists(phase.path):
-                kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, "
-                        f"then --resume")
-            raise SystemExit(f"{phase.name}: the loss became {v} at step "
-                             f"{epoch * phase.steps + batch} (epoch {epoch + 1}, batch {batch}); "
-                             f"stopped. {kept}")
+    bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        batch = first + bad[0] + 1  # counting from 1
+        kept = "No checkpoint was written yet."
+        if os.path.exists(phase.path):
+            kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, "
+                    f"then --resume")
+        raise SystemExit(f"{phase.name}: the loss became {losses[bad[0]]} at step "
+                         f"{epoch * phase.steps + batch} (epoch {epoch + 1}, batch {batch}); "
+                         f"stopped. {kept}")
     return losses
 
 
