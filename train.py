@@ -128,7 +128,7 @@ def make_parser():
         if f.type is bool:  # --flag alone means true
             p.add_argument(f"--{f.name}", default=f.default, type=_bool, help=helps.get(f.name),
                            metavar="true|false", nargs="?", const=True)
-        elif f.name != "overrides":
+        elif f.name != "overrides":  # overrides: the model flags below
             p.add_argument(f"--{f.name}", default=f.default, type=f.type, help=helps.get(f.name),
                            choices=choices.get(f.name))
     helps = field_help(star.StarConfig)
@@ -210,6 +210,7 @@ def setup(args):
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")  # gloo: DDP on CPUs, for tests
     rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -221,8 +222,8 @@ def setup(args):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
     dtype = autocast_dtype(args.precision, device)
     log.info(f"precision: {str(dtype).removeprefix('torch.')} on {device}")
-    return SimpleNamespace(ddp=ddp, rank=rank, world=dist.get_world_size() if ddp else 1,
-                           master=rank == 0, device=device, phase=None, dtype=dtype)
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
+                           phase=None, dtype=dtype)
 
 
 def autocast_dtype(precision, device):
