@@ -319,15 +319,13 @@ def read_npz(pattern):
             raise UserError(f"{path} holds {keys}; expected arrays x (uint8 N x H x W x C) and y")
         x, y = arrays
         layout = x.ndim == 3 or x.ndim == 4 and x.shape[3] in (1, 3)  # gray or RGB, channels last
-        if x.dtype != np.uint8 or not layout or len(x) != len(y):
+        labels = y.ndim == 1 and len(y) == len(x) and np.issubdtype(y.dtype, np.integer)
+        if x.dtype != np.uint8 or not layout or not labels:
             first = x.ndim == 4 and x.shape[1] in (1, 3)
             hint = "; x looks channels-first: store x.transpose(0, 2, 3, 1)" if first else ""
             raise UserError(f"{path}: x must be uint8 N x H x W or N x H x W x C with C = 1 or 3, "
-                            f"and one label in y per image; got x {x.dtype} {x.shape}, "
-                            f"y {y.shape}{hint}")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise UserError(f"{path}: y must hold one integer class per image, shape (N,); "
-                            f"got {y.dtype} {y.shape}")
+                            f"y one integer class per image, shape (N,); got x {x.dtype} "
+                            f"{x.shape}, y {y.dtype} {y.shape}{hint}")
         x = torch.from_numpy(x)
         xs.append(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2))  # gray: one channel
         ys.append(torch.from_numpy(y.astype(np.int64)))
