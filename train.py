@@ -101,7 +101,8 @@ RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "ba
 PRETRAIN_FLAGS = ("lr", "warmup_epochs", "min_scale", "clip_grad")
 FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "label_smoothing",
                   "layer_decay", "labeled")
-SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")  # the weights' shapes
+# the model fields that fix the weights' shapes
+SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")
 
 
 def _bool(s):
@@ -126,11 +127,12 @@ def make_parser():
     choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS),
                "precision": ("auto", "bf16", "fp16", "fp32")}
     for f in fields(Args):
-        if f.name != "overrides":
-            p.add_argument(f"--{f.name}", default=f.default, type=_bool if f.type is bool else f.type,
-                           help=helps.get(f.name), choices=choices.get(f.name),
-                           metavar="true|false" if f.type is bool else None,
-                           **({"nargs": "?", "const": True} if f.type is bool else {}))
+        if f.type is bool:  # --flag alone means true
+            p.add_argument(f"--{f.name}", default=f.default, type=_bool, help=helps.get(f.name),
+                           metavar="true|false", nargs="?", const=True)
+        elif f.name != "overrides":  # overrides: the model flags below
+            p.add_argument(f"--{f.name}", default=f.default, type=f.type, help=helps.get(f.name),
+                           choices=choices.get(f.name))
     helps = field_help(star.StarConfig)
     g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
     for f in fields(star.StarConfig):
@@ -207,30 +209,30 @@ def check_args(args):
 def setup(args):
     """One process per GPU under torchrun (RANK set), else one process on args.device."""
     ddp = "RANK" in os.environ
-    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if ddp:
-        dist.init_process_group("nccl" if want_cuda else "gloo")  # gloo: DDP on CPUs, for tests
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if want_cuda else "cpu")
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if want_cuda else args.device if args.device != "auto" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        dist.init_process_group("nccl" if cuda else "gloo")  # gloo: DDP on CPUs, for tests
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     logging.basicConfig(format="%(message)s")
     for name in ("train", "star"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
     dtype = autocast_dtype(args.precision, device)
     log.info(f"precision: {str(dtype).removeprefix('torch.')} on {device}")
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, phase=None,
-                           dtype=dtype)
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
+                           phase=None, dtype=dtype)
 
 
 def autocast_dtype(precision, device):
-    """The autocast dtype: bf16 where the GPU computes in it natively, fp16 on older GPUs, fp32 on the CPU."""
+    """bf16 on GPUs that compute in it natively (Ampere on), fp16 on older ones, fp32 on CPUs."""
     if precision == "auto" and device.type == "cuda":
-        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
-        return torch.bfloat16 if native_bf16 else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if precision == "auto":
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -296,21 +298,18 @@ def synthetic_shapes(n, size=32, seed=0):
 
 
 def resize(x, size):
-    """uint8 (n, C, H, W) -> (n, C, size, size): centre crop to a square, then antialiased bilinear resizing."""
-    h, w = x.shape[-2:]
-    s = min(h, w)
-    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    if s == size:
-        return x
-    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    """uint8 (n, C, H, W) -> (n, C, size, size): a centre square, resized with antialiasing."""
+    from torchvision.transforms.v2 import functional as TF
+    x = TF.center_crop(x, [min(x.shape[-2:])] * 2)
+    return TF.resize(x, [size, size], antialias=True)
 
 
 def read_npz(pattern):
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
         raise UserError(f"npz:{pattern} matches no files")
-    xs, ys = [], []
+    xs = []
+    ys = []
     for path in files:
         try:
             with np.load(path) as f:
@@ -323,26 +322,24 @@ def read_npz(pattern):
             raise UserError(f"{path} holds {keys}; expected arrays x (uint8 N x H x W x C) and y")
         x, y = arrays
         layout = x.ndim == 3 or x.ndim == 4 and x.shape[3] in (1, 3)  # gray or RGB, channels last
-        if x.dtype != np.uint8 or not layout or len(x) != len(y):
+        labels = y.ndim == 1 and len(y) == len(x) and np.issubdtype(y.dtype, np.integer)
+        if x.dtype != np.uint8 or not layout or not labels:
             first = x.ndim == 4 and x.shape[1] in (1, 3)
             hint = "; x looks channels-first: store x.transpose(0, 2, 3, 1)" if first else ""
             raise UserError(f"{path}: x must be uint8 N x H x W or N x H x W x C with C = 1 or 3, "
-                            f"and one label in y per image; got x {x.dtype} {x.shape}, "
-                            f"y {y.shape}{hint}")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise UserError(f"{path}: y must hold one integer class per image, shape (N,); "
-                            f"got {y.dtype} {y.shape}")
+                            f"y one integer class per image, shape (N,); got x {x.dtype} "
+                            f"{x.shape}, y {y.dtype} {y.shape}{hint}")
         x = torch.from_numpy(x)
-        xs.append(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2))  # grayscale gets one channel
+        xs.append(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2))  # gray: one channel
         ys.append(torch.from_numpy(y.astype(np.int64)))
     if len({t.shape[1:] for t in xs}) > 1:
         raise UserError(f"the files of npz:{pattern} hold images of different shapes: "
                         f"{sorted({tuple(t.shape[1:]) for t in xs})}")
-    return torch.cat(xs), torch.cat(ys), None
+    return torch.cat(xs), torch.cat(ys)
 
 
 def read_folder(root, size=0, classes=None):
-    """ImageFolder layout (root/CLASS/IMAGE); grayscale when every image is, resized to size when given."""
+    """ImageFolder layout (root/CLASS/IMAGE); grayscale if every image is; resized if size given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
@@ -350,7 +347,8 @@ def read_folder(root, size=0, classes=None):
     try:
         folder = ImageFolder(root)
     except (FileNotFoundError, OSError) as e:
-        raise UserError(f"folder:{root} is not in ImageFolder layout (one subfolder per class): {e}") from None
+        raise UserError(f"folder:{root} is not in ImageFolder layout (one subfolder per class): "
+                        f"{e}") from None
     if classes is not None and folder.classes != classes:
         raise UserError(f"{root} has classes {folder.classes}, the training data {classes}")
 
@@ -373,7 +371,7 @@ def read_folder(root, size=0, classes=None):
                         f"({sorted(sizes)[:4]}...); pass --img_size N to resize them")
     x = torch.from_numpy(np.stack([read(path) for path, _ in folder.samples]))
     x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)
-    return x, torch.tensor([label for _, label in folder.samples]), folder.classes
+    return x, torch.tensor(folder.targets), folder.classes
 
 
 def hold_out(x, y, fraction=0.1):
@@ -386,68 +384,70 @@ def hold_out(x, y, fraction=0.1):
 
 def load_cifar(name, root, env):
     import torchvision
-    make = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    make = getattr(torchvision.datasets, name.upper())  # CIFAR10 or CIFAR100
     try:
-        if env.master:
-            make(root, train=True, download=True), make(root, train=False, download=True)
+        if env.master:  # one download, before the other ranks read the files
+            make(root, train=True, download=True)
+            make(root, train=False, download=True)
         if env.ddp:
             dist.barrier()
         sets = [make(root, train=train) for train in (True, False)]
     except (OSError, RuntimeError) as e:  # no internet: URLError is an OSError
-        raise UserError(f"could not get {name} into {root}/ ({e}). Without internet, point at a local copy: "
-                        f"--data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz (x uint8 N x H x W x C, y int), "
-                        f"or --data folder:DIR (ImageFolder layout), or --data_dir where torchvision's files are")
-    return [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in sets] + [sets[0].classes]
-
-
-def load_split(spec, size, classes=None):
-    if spec.startswith("npz:"):
-        return read_npz(spec[4:])[:2]
-    if spec.startswith("folder:"):
-        return read_folder(spec[7:], size, classes)[:2]
-    raise UserError(f"--test_data must be npz:GLOB or folder:PATH, got {spec!r}")
+        raise UserError(f"could not get {name} into {root}/ ({e}). Without internet, point at a "
+                        f"local copy: --data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz "
+                        f"(x uint8 N x H x W x C, y int), or --data folder:DIR (ImageFolder "
+                        f"layout), or --data_dir where torchvision's files are") from None
+    train, test = [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))
+                   for s in sets]
+    return train, test, sets[0].classes
 
 
 def load_data(args, env):
-    """The train and test images (uint8, on the device), labels, classes, and per-channel mean and std."""
-    spec, classes, test = args.data, None, None
+    """Train and test images (uint8, on the device), labels, classes, per-channel mean and std."""
+    spec = args.data
+    classes = None
+    test = None
     if spec == "synthetic":
         train = synthetic_shapes(args.num_train or 5000, args.img_size or 32, seed=0)
         test = synthetic_shapes(args.num_test or 1000, args.img_size or 32, seed=1)
         classes = list(SHAPES)
     elif spec in ("cifar10", "cifar100"):
         train, test, classes = load_cifar(spec, args.data_dir, env)
-    elif spec.startswith("folder:"):
+    elif spec.startswith("folder:"):  # root/train with root/val or root/test, or one folder
         root = spec[7:]
-        sub = {s: os.path.join(root, s) for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))}
-        *train, classes = read_folder(sub.get("train", root), args.img_size)
-        held = sub.get("val") or sub.get("test")
-        if "train" in sub and held and not args.test_data:
-            test = read_folder(held, args.img_size, classes)[:2]
-    elif spec.startswith("npz:"):
-        train = read_npz(spec[4:])[:2]
-    else:
-        raise UserError(f"unknown dataset {spec!r}; choose one of {DATASETS}")
-    if args.test_data:
-        test = load_split(args.test_data, args.img_size, classes if args.test_data.startswith("folder:") else None)
+        sub = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
+        train_root = os.path.join(root, "train") if "train" in sub else root
+        *train, classes = read_folder(train_root, args.img_size)
+        if "train" in sub and len(sub) > 1 and not args.test_data:
+            test = read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2]
+    else:  # npz:GLOB (check_args refused the rest)
+        train = read_npz(spec[4:])
+    if args.test_data.startswith("npz:"):
+        test = read_npz(args.test_data[4:])
+    elif args.test_data:
+        test = read_folder(args.test_data[7:], args.img_size, classes)[:2]
     elif test is None:
         train, test = hold_out(*train)
-    (x, y), (xt, yt) = [(t[0][:n or None], t[1][:n or None]) for t, n in ((train, args.num_train), (test, args.num_test))]
-    num_classes = check_labels(y, yt, len(classes) if classes else 0, args)
+    x, y = (t[:args.num_train or None] for t in train)
+    xt, yt = (t[:args.num_test or None] for t in test)
+    num_classes = check_labels(y, yt, len(classes or ()), args)
     if args.img_size:
-        x, xt = resize(x, args.img_size), resize(xt, args.img_size)
+        x = resize(x, args.img_size)
+        xt = resize(xt, args.img_size)
     if x.shape[1:] != xt.shape[1:] or x.shape[2] != x.shape[3]:
-        raise UserError(f"train images are {tuple(x.shape[1:])} and test images {tuple(xt.shape[1:])} (C, H, W); "
-                        f"the model takes square images of one size: pass --img_size N to resize them")
+        raise UserError(f"train images are {tuple(x.shape[1:])} and test images "
+                        f"{tuple(xt.shape[1:])} (C, H, W); the model takes square images of one "
+                        f"size: pass --img_size N to resize them")
     x, y, xt, yt = (t.to(env.device) for t in (x, y, xt, yt))
-    count = x.numel() / x.shape[1]  # pixels per channel
+    count = x.numel() / x.shape[1] * 255  # pixels per channel, times the largest value
     total = sum(c.double().sum((0, 2, 3)) for c in x.split(4096))  # (C,), in chunks: x may be large
-    total_sq = sum((c.double() ** 2).sum((0, 2, 3)) for c in x.split(4096))
-    mean = (total / count / 255).view(1, -1, 1, 1)
-    std = (total_sq / count / 255 ** 2 - mean.flatten() ** 2).clamp(min=1e-6).sqrt().view(1, -1, 1, 1)
-    log.info(f"data {spec}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, {num_classes} classes")
-    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, mean=mean.float(), std=std.float(),
-                           num_classes=num_classes, name=spec)
+    total_sq = sum((c.double() ** 2).sum((0, 2, 3)) for c in x.split(4096))  # (C,)
+    mean = total / count
+    std = (total_sq / count / 255 - mean ** 2).clamp(min=1e-6).sqrt()
+    log.info(f"data {spec}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, "
+             f"{num_classes} classes")
+    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, mean=mean.float().view(1, -1, 1, 1),
+                           std=std.float().view(1, -1, 1, 1), num_classes=num_classes, name=spec)
 
 
 def check_labels(y, y_test, num_classes, args):
@@ -474,49 +474,54 @@ def normalize(x, data):
 
 
 def random_crops(n, gen, min_scale):
-    """Affine maps (n, 2, 3) for random-resized crops (area min_scale..1, aspect 3/4..4/3) and horizontal flips.
+    """Affine maps (n, 2, 3) for random resized crops (area min_scale..1, aspect 3/4..4/3), flips.
 
-    Like torchvision's RandomResizedCrop, but a crop that would leave the image is clamped instead of redrawn.
+    Like torchvision's RandomResizedCrop, but a crop that would leave the image is clamped, not
+    redrawn; drawn for a whole batch on the device, one per image (v2 draws one per batch).
     """
     r = torch.rand(n, 5, generator=gen, device=gen.device)
     area = min_scale + (1 - min_scale) * r[:, 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * r[:, 1])
-    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of the image
+    w = (area * aspect).sqrt().clamp(max=1)  # (n,) fractions of the image
+    h = (area / aspect).sqrt().clamp(max=1)
     theta = torch.zeros(n, 2, 3, device=gen.device)
-    theta[:, 0, 0] = w * torch.where(r[:, 4] < 0.5, -1.0, 1.0)
+    theta[:, 0, 0] = w * torch.where(r[:, 4] < 0.5, -1.0, 1.0)  # a flip half of the time
     theta[:, 1, 1] = h
-    theta[:, 0, 2], theta[:, 1, 2] = (1 - w) * (2 * r[:, 2] - 1), (1 - h) * (2 * r[:, 3] - 1)  # crop centre
+    theta[:, 0, 2] = (1 - w) * (2 * r[:, 2] - 1)  # the crop's centre
+    theta[:, 1, 2] = (1 - h) * (2 * r[:, 3] - 1)
     return theta
 
 
 def augment(x, theta, data):
-    """uint8 images (b, C, H, W) -> normalised float crops, in one batched resampling on the device."""
+    """uint8 images (b, C, H, W) -> normalised float crops, in one batched resampling."""
     x = normalize(x, data)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
 # -----------------------------------------------------------------------------
 # models, checkpoints, evaluation
 
 
 def model_config(args, data):
-    """The preset with the command line's fields, built for the data's image size, channels and classes."""
-    c, h = data.x.shape[1], data.x.shape[2]
+    """The preset with the flags' model fields, for the data's image size, channels and classes."""
+    c, h = data.x.shape[1:3]
     try:
-        return star.make_config(args.preset, img_size=h, in_chans=c, num_classes=data.num_classes, **args.overrides)
+        return star.make_config(args.preset, img_size=h, in_chans=c, num_classes=data.num_classes,
+                                **args.overrides)
     except ValueError as e:
         try:
             cfg = star.make_config(args.preset, **args.overrides)
         except ValueError as flags:  # the flags themselves are wrong, whatever the data
             raise UserError(f"model flags: {flags}") from None
-        raise UserError(f"the images of {data.name} are {h}x{h} px, which the model cannot take ({e}); pass "
-                        f"--img_size with a multiple of patch*cluster = {cfg.patch * cfg.cluster} to resize them, "
-                        f"or another --patch / --cluster") from None
+        raise UserError(f"the images of {data.name} are {h}x{h} px, which the model cannot take "
+                        f"({e}); pass --img_size with a multiple of patch*cluster = "
+                        f"{cfg.patch * cfg.cluster} to resize them, or another --patch or --cluster"
+                        ) from None
 
 
 def check_config(saved, cfg, names, what):
     """Raise a UserError naming every field in names where a checkpoint's config or flags differ."""
-    diff = [f"{n}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in names if saved.get(n) != getattr(cfg, n)]
+    diff = [f"{n}={saved.get(n)!r} there, {getattr(cfg, n)!r} here"
+            for n in names if saved.get(n) != getattr(cfg, n)]
     if diff:
         raise UserError(f"{what} was made with other flags or model config: {'; '.join(diff)}. "
                         f"Pass the same --preset and flags as the run that wrote it")
@@ -533,47 +538,54 @@ def load_checkpoint(path, phase=None):
     if not isinstance(ckpt, dict) or not {"phase", "config", "model"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by train.py")
     if phase and ckpt["phase"] != phase:
-        raise UserError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one"
-                        + (" (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""))
+        hint = " (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""
+        raise UserError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one{hint}")
     return ckpt
 
 
 def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW groups: no decay on 1-D params (norms, biases, D), A_log and the learned tokens; lr scale per layer."""
+    """AdamW groups: no decay on 1-D params (norms, biases, D), A_log and the learned tokens;
+    an lr scale per layer (patch embedding 0, blocks 1..depth, the rest depth + 1)."""
     depth = len(model.encoder.blocks)
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.dim() < 2 or name.endswith(("bias", "A_log", ".D")) or name in ("separator", "query")
-        layer = (0 if name.startswith("encoder.patch_embed") else
-                 int(name.split(".")[2]) + 1 if name.startswith("encoder.blocks.") else depth + 1)
-        key = (no_decay, layer_decay ** (depth + 1 - layer))
-        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": key[1]})
-        groups[key]["params"].append(p)
+        no_decay = (p.dim() < 2 or name.endswith(("bias", "A_log", ".D"))
+                    or name in ("separator", "query"))
+        layer = depth + 1
+        if name.startswith("encoder.patch_embed"):
+            layer = 0
+        elif name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        scale = layer_decay ** (depth + 1 - layer)
+        decay = 0.0 if no_decay else weight_decay
+        new = {"params": [], "weight_decay": decay, "lr_scale": scale}
+        groups.setdefault((no_decay, scale), new)["params"].append(p)
     return list(groups.values())
 
 
-def _chunks(n, unit, env):
-    """This rank's share [lo, hi) of n items, in whole units (sequences of K images)."""
-    per = -(-(n // unit) // env.world) * unit
-    return env.rank * per, min(n // unit * unit, (env.rank + 1) * per)
+def eval_batches(data, unit, args, env):
+    """This rank's share of the test split, in batches of whole sequences of unit images."""
+    n = len(data.x_test) // unit
+    per = -(-n // env.world) * unit  # images per rank
+    hi = min(n * unit, (env.rank + 1) * per)
+    size = max(args.batch_size // unit, 1) * unit
+    for s in range(env.rank * per, hi, size):
+        yield normalize(data.x_test[s:min(s + size, hi)], data), data.y_test[s:min(s + size, hi)]
 
 
 @torch.no_grad()
 def evaluate(model, data, args, env):
-    """Test loss (the STAR objective or cross-entropy) and accuracy, over all of the test split, all ranks."""
+    """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split."""
     classify = isinstance(model, star.StarClassifier)
     unit = 1 if classify else model.cfg.images_per_seq
     if len(data.x_test) < unit:
         raise UserError(f"the test split has {len(data.x_test)} image(s), fewer than one sequence "
                         f"of K={unit}: use --num_test {unit} or more")
-    lo, hi = _chunks(len(data.x_test), unit, env)
-    bs = max(args.batch_size // unit * unit, unit)
     stats = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, correct, images
     model.eval()
-    for s in range(lo, hi, bs):
-        x, y = normalize(data.x_test[s:min(s + bs, hi)], data), data.y_test[s:min(s + bs, hi)]
+    for x, y in eval_batches(data, unit, args, env):
         with autocast(env):
             out = model(x)
         if classify:
@@ -654,183 +666,194 @@ def save_rows(rows, labels, path, pad=2):
 # the training loop, shared by pretraining, finetuning and probing
 
 
-class StopFlag:
-    """Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary, after a checkpoint; twice stops at once."""
+def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_scale, betas,
+                layer_decay=1.0):
+    """Train model for epochs (AdamW, warm-up then cosine), evaluating, logging and checkpointing
+    every epoch; --resume goes on from the last epoch saved. Returns the history: one dict per
+    evaluation, the first before any training."""
+    env.phase = name
+    classify = isinstance(model, star.StarClassifier)
+    steps = steps_per_epoch(len(data.x), 1 if classify else model.cfg.images_per_seq, args, env)
+    groups = param_groups(model, args.weight_decay, layer_decay)
+    phase = SimpleNamespace(
+        name=name, path=os.path.join(args.out, f"{name}.pt"), model=model, classify=classify,
+        optimizer=torch.optim.AdamW(groups, lr=lr, betas=betas),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16),
+        gen=torch.Generator(env.device).manual_seed(args.seed),  # crops and flips, on every rank
+        epochs=epochs, steps=steps, min_scale=min_scale, lr=lr * args.batch_size / 256,
+        warmup=round(warmup_epochs * steps), total=epochs * steps)
+    torch.manual_seed(args.seed + env.rank)  # drop-path masks
+    start = 0
+    if args.resume and os.path.exists(phase.path):
+        start, history = restore(phase, args, env)
+    else:
+        rec = {"phase": name, "epoch": 0, "step": 0} | evaluate_phase(phase, 0, data, args, env)
+        history = [rec]
+        log_line(rec, args, env)
+    ddp_model = model
+    if env.ddp:
+        ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        loss, lr_now = train_epoch(phase, ddp_model, epoch, data, args, env)
+        rec = {"phase": name, "epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": loss,
+               "lr": lr_now, "img_per_s": round(steps * args.batch_size / (time.time() - t0), 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
+            rec |= evaluate_phase(phase, epoch + 1, data, args, env)
+        history.append(rec)
+        log_line(rec, args, env)
+        save_checkpoint(phase, epoch + 1, history, data, args, env)
+    return history
 
-    def __enter__(self):
-        self.set = False
-        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
 
-    def handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        log.warning("\nstopping after this step to write a checkpoint (press Ctrl-C again to stop at once)")
+def train_epoch(phase, model, epoch, data, args, env):
+    """One pass over the training set; returns the mean loss and the last lr. model is phase.model,
+    in DDP when there are several processes: each rank takes its share of every global batch."""
+    B = args.batch_size
+    lo = env.rank * B // env.world
+    hi = (env.rank + 1) * B // env.world
+    order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # the same on every rank
+    perm = torch.randperm(len(data.x), generator=order).to(env.device)
+    losses = torch.zeros(phase.steps, device=env.device)  # read back at log points, not every step
+    seen = []  # the losses read back so far
+    bar = tqdm(total=phase.steps * B, unit="img", desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+               disable=not (env.master and args.progress), dynamic_ncols=True)
+    for i in range(phase.steps):
+        lr = lr_at(epoch * phase.steps + i, phase.lr, phase.warmup, phase.total)
+        for group in phase.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        idx = perm[i * B:(i + 1) * B][lo:hi]
+        crops = random_crops(B, phase.gen, phase.min_scale)[lo:hi]  # drawn for all B: same stream
+        x = augment(data.x[idx], crops, data)  # (B / world, C, H, W)
+        with autocast(env):
+            out = model(x)  # pretraining: the STAR loss; finetuning: logits (b, classes)
+        loss = out
+        if phase.classify:
+            loss = F.cross_entropy(out.float(), data.y[idx], label_smoothing=args.label_smoothing)
+        phase.optimizer.zero_grad(set_to_none=True)
+        phase.scaler.scale(loss).backward()
+        if not phase.classify and args.clip_grad > 0:  # ARM clips pretraining, not finetuning
+            phase.scaler.unscale_(phase.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        phase.scaler.step(phase.optimizer)
+        phase.scaler.update()
+        losses[i] = loss.detach()
+        bar.update(B)
+        if (i + 1) % args.log_every == 0 or i + 1 == phase.steps:
+            seen += check_losses(losses[len(seen):i + 1], len(seen), epoch, phase, env)
+            bar.set_postfix(loss=f"{seen[-1]:.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    return sum(seen) / len(seen), lr
 
-    def __exit__(self, *exc):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
+
+def steps_per_epoch(n, unit, args, env):
+    """Whole global batches in n images (the last incomplete one is dropped)."""
+    B = args.batch_size
+    if B % (env.world * unit):
+        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
+                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
+    if n < B:
+        raise UserError(f"the training set has {n} images, fewer than --batch_size {B}")
+    return n // B
 
 
-def save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env):
-    """Written atomically (a temporary file, then os.replace): a stop or full disk keeps the last."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+def lr_at(step, lr, warmup, total):
+    """Linear warm-up over the first warmup steps, then cosine decay to 0 at step total."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def check_losses(losses, first, epoch, phase, env):
+    """The losses of batches first.. of this epoch, averaged over the ranks, read back; one that is
+    not finite stops the run (on every rank: all see the same)."""
+    losses = losses.clone()
+    if env.ddp:
+        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+    losses = losses.tolist()
+    bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        batch = first + bad[0] + 1  # counting from 1
+        kept = "No checkpoint was written yet."
+        if os.path.exists(phase.path):
+            kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, "
+                    f"then --resume")
+        raise SystemExit(f"{phase.name}: the loss became {losses[bad[0]]} at step "
+                         f"{epoch * phase.steps + batch} (epoch {epoch + 1}, batch {batch}); "
+                         f"stopped. {kept}")
+    return losses
+
+
+def evaluate_phase(phase, epoch, data, args, env):
+    """The test metrics; pretraining also draws a sample grid."""
+    metrics = evaluate(phase.model, data, args, env)
+    if not phase.classify and env.master:
+        path = os.path.join(args.out, f"samples_{phase.name}_e{epoch:03d}.png")
+        sample_grid(phase.model, data, args, env, path)
+    return metrics
+
+
+def save_checkpoint(phase, epoch, history, data, args, env):
+    """All a resumed run needs to go on exactly, written atomically (a temporary file, then
+    os.replace): a Ctrl-C or a full disk keeps the last checkpoint."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
     rngs = [rng]
     if env.ddp:  # every rank's streams, so that a resumed multi-GPU run goes on exactly too
         rngs = [None] * env.world
         dist.all_gather_object(rngs, rng)
     if env.master:
-        ckpt = {"phase": env.phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "config": asdict(model.cfg), "args": asdict(args), "norm": [data.mean.cpu(), data.std.cpu()],
-                "epoch": state["epoch"], "step": state["step"], "rng": rngs, "aug_rng": gen.get_state(),
-                "data_order": {"seed": args.seed, "epoch": state["epoch"], "batch": state["batch"]},
-                "losses": state["losses"], "history": state["history"]}
+        ckpt = {"phase": phase.name, "model": phase.model.state_dict(),
+                "optimizer": phase.optimizer.state_dict(), "scaler": phase.scaler.state_dict(),
+                "config": asdict(phase.model.cfg), "args": asdict(args),
+                "norm": [data.mean.cpu(), data.std.cpu()], "epoch": epoch,
+                "step": epoch * phase.steps, "rng": rngs, "aug_rng": phase.gen.get_state(),
+                "data_order": {"seed": args.seed, "epoch": epoch}, "history": history}
         try:
-            torch.save(ckpt, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            torch.save(ckpt, phase.path + ".tmp")
+            os.replace(phase.path + ".tmp", phase.path)
         except (OSError, RuntimeError) as e:  # disk full: torch reports it as either
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            kept = "keeps the last good state" if os.path.exists(path) else "was not written yet"
-            raise UserError(f"could not write {path} ({e}); it {kept}. Free some disk space, then "
-                            f"run the same command with --resume") from None
+            if os.path.exists(phase.path + ".tmp"):
+                os.remove(phase.path + ".tmp")
+            kept = "was not written yet"
+            if os.path.exists(phase.path):
+                kept = "keeps the last good state"
+            raise UserError(f"could not write {phase.path} ({e}); it {kept}. Free some disk space, "
+                            f"then run the same command with --resume") from None
     if env.ddp:
         dist.barrier()  # no rank reads the file (the next phase's --init) before it is written
 
 
-def restore(path, model, optimizer, scaler, gen, args, env):
-    """Put the model, optimizer and every random stream back as they were when path was written."""
-    ckpt = load_checkpoint(path, env.phase)
-    check_config(ckpt["config"], model.cfg, [f.name for f in fields(star.StarConfig)], path)
-    flags = PRETRAIN_FLAGS if env.phase == "pretrain" else FINETUNE_FLAGS
-    check_config(ckpt["args"], args, RESUMED + flags, path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    gen.set_state(ckpt["aug_rng"])
+def restore(phase, args, env):
+    """Put the model, optimizer and every random stream back as they were at the end of the epoch
+    saved in phase.path; return that epoch and the history so far."""
+    ckpt = load_checkpoint(phase.path, phase.name)
+    names = [f.name for f in fields(star.StarConfig)]
+    check_config(ckpt["config"], phase.model.cfg, names, phase.path)
+    flags = PRETRAIN_FLAGS if phase.name == "pretrain" else FINETUNE_FLAGS
+    check_config(ckpt["args"], args, RESUMED + flags, phase.path)
+    phase.model.load_state_dict(ckpt["model"])
+    phase.optimizer.load_state_dict(ckpt["optimizer"])
+    phase.scaler.load_state_dict(ckpt["scaler"])
+    phase.gen.set_state(ckpt["aug_rng"])
     if len(ckpt["rng"]) != env.world:
-        log.warning(f"{path} was written by {len(ckpt['rng'])} processes, now {env.world}: random streams differ")
+        log.warning(f"{phase.path} was written by {len(ckpt['rng'])} processes, now {env.world}: "
+                    f"random streams differ")
     rng = ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and env.device.type == "cuda":
         torch.cuda.set_rng_state_all(rng["cuda"])
-    log.info(f"resuming {path}: epoch {ckpt['epoch']}, batch {ckpt['data_order']['batch']}, step {ckpt['step']}")
-    return {k: ckpt[k] for k in ("epoch", "step", "losses", "history")} | {"batch": ckpt["data_order"]["batch"]}
-
-
-def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_scale, betas, layer_decay=1.0):
-    """Train model for epochs (AdamW, warm-up then cosine), evaluating, logging and checkpointing every epoch.
-
-    Returns the history: one dict per evaluation, the first before any training.
-    """
-    env.phase, cfg = name, model.cfg
-    classify = isinstance(model, star.StarClassifier)
-    path, B, N = os.path.join(args.out, f"{name}.pt"), args.batch_size, len(data.x)
-    unit = 1 if classify else cfg.images_per_seq
-    if B % (env.world * unit):
-        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole sequences of "
-                        f"{unit} image(s): use a multiple of {env.world * unit}")
-    if N < B:
-        raise UserError(f"the training set has {N} images, fewer than --batch_size {B}")
-    steps = N // B  # the last incomplete batch of an epoch is dropped
-    lo, hi = env.rank * B // env.world, (env.rank + 1) * B // env.world  # this rank's share of every batch
-    lr, total, warm = lr * B / 256, epochs * steps, round(warmup_epochs * steps)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, layer_decay), lr=lr, betas=betas)
-    gen = torch.Generator(env.device).manual_seed(args.seed)  # crops and flips: one stream, the same on every rank
-    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)  # else underflow
-    state = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
-    torch.manual_seed(args.seed + env.rank)  # drop-path masks
-    if args.resume and os.path.exists(path):
-        state = restore(path, model, optimizer, scaler, gen, args, env)
-    ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.ddp else model
-    if not state["history"]:
-        state["history"].append({"phase": name, "epoch": 0, "step": 0, **evaluate(model, data, args, env)})
-        log_line(state["history"][-1], args, env)
-        if not classify and env.master:
-            sample_grid(model, data, args, env, os.path.join(args.out, f"samples_{name}_e000.png"))
-    stopping = False  # a stop asked for on any rank, known to all at every log point
-    with StopFlag() as stop:
-        for epoch in range(state["epoch"], epochs):
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(env.device)
-            losses = torch.zeros(steps, device=env.device)  # read back every log_every steps, not every step
-            first, checked, t0 = state["batch"], state["batch"], time.time()
-            bar = tqdm(total=steps, initial=first, desc=f"{name} {epoch + 1}/{epochs}",
-                       disable=not (env.master and args.progress), dynamic_ncols=True)
-            for i in range(first, steps):
-                step = epoch * steps + i
-                lr_now = lr * (step + 1) / warm if step < warm else \
-                    lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_now * group["lr_scale"]
-                idx = perm[i * B:(i + 1) * B][lo:hi]
-                x = augment(data.x[idx], random_crops(B, gen, min_scale)[lo:hi], data)  # (B/world, C, H, W)
-                with autocast(env):
-                    out = ddp_model(x)
-                loss = F.cross_entropy(out.float(), data.y[idx], label_smoothing=args.label_smoothing) \
-                    if classify else out
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if not classify and args.clip_grad > 0:  # ARM clips pretraining, not finetuning
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                losses[i] = loss.detach()
-                bar.update()
-                log_point = (i + 1) % args.log_every == 0 or i + 1 == steps or (stop.set and not env.ddp)
-                if not log_point:
-                    continue
-                # read the losses back, check them, show them, and stop here if asked to (on all ranks at once)
-                seen = losses[checked:i + 1].clone()
-                if env.ddp:
-                    dist.all_reduce(seen, op=dist.ReduceOp.AVG)
-                seen = seen.tolist()
-                bad = [j for j, v in enumerate(seen) if not math.isfinite(v)]
-                if bad:
-                    at = epoch * steps + checked + bad[0] + 1  # counting steps from 1
-                    raise SystemExit(f"{name}: the loss became {seen[bad[0]]} at step {at} (epoch {epoch + 1}, "
-                                     f"batch {checked + bad[0] + 1}); stopped. "
-                                     + (f"{path} keeps the last good state (epoch {state['epoch']}): lower --lr, "
-                                        f"then --resume" if os.path.exists(path) else "No checkpoint was written yet."))
-                state["losses"] += seen
-                rate = (i + 1 - first) * B / (time.time() - t0)
-                bar.set_postfix(loss=f"{seen[-1]:.4f}", lr=f"{lr_now:.2e}", img_s=f"{rate:.0f}")
-                checked = i + 1
-                asked = torch.tensor(float(stop.set), device=env.device)
-                if env.ddp:
-                    dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-                stopping = asked.item() > 0
-                if stopping and i + 1 < steps:
-                    state.update(epoch=epoch, batch=i + 1, step=step + 1)
-                    save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env)
-                    bar.close()
-                    raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}, batch {i + 1} (step {step + 1}); "
-                                     f"continue with the same command and --resume")
-            bar.close()
-            rec = {"phase": name, "epoch": epoch + 1, "step": (epoch + 1) * steps,
-                   "loss": sum(state["losses"]) / len(state["losses"]), "lr": lr_now,
-                   "img_per_s": round((steps - first) * B / (time.time() - t0), 1)}
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
-                rec.update(evaluate(model, data, args, env))
-                if not classify and env.master:
-                    sample_grid(model, data, args, env, os.path.join(args.out, f"samples_{name}_e{epoch + 1:03d}.png"))
-            state["history"].append(rec)
-            log_line(rec, args, env)
-            state.update(epoch=epoch + 1, batch=0, step=(epoch + 1) * steps, losses=[])
-            save_checkpoint(path, model, optimizer, scaler, gen, state, data, args, env)
-            if stopping or (stop.set and not env.ddp):  # asked during the evaluation: stop before what comes next
-                raise SystemExit(f"interrupted: {path} holds epoch {epoch + 1}; continue with --resume")
-    return state["history"]
+    log.info(f"resuming {phase.path} after epoch {ckpt['epoch']} (step {ckpt['step']})")
+    return ckpt["epoch"], ckpt["history"]
 
 
 def log_line(rec, args, env):
     if env.master:
-        log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        words = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+        log.info(" ".join(words))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -841,10 +864,11 @@ def log_line(rec, args, env):
 def pretrain(cfg, data, args, env):
     torch.manual_seed(args.seed)
     model = star.StarPretrain(cfg).to(env.device)
-    log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: K={cfg.images_per_seq} images per "
-             f"sequence, separator {cfg.separator}, {cfg.seq_len} tokens")
-    return train_phase("pretrain", model, data, args, env, args.pretrain_epochs, args.lr, args.warmup_epochs,
-                       args.min_scale, betas=(0.9, 0.95))
+    log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: "
+             f"K={cfg.images_per_seq} images per sequence, separator {cfg.separator}, "
+             f"{cfg.seq_len} tokens")
+    return train_phase("pretrain", model, data, args, env, args.pretrain_epochs, args.lr,
+                       args.warmup_epochs, args.min_scale, betas=(0.9, 0.95))
 
 
 def _summary(keys):
@@ -887,20 +911,22 @@ def labeled_part(data, n):
 
 def evaluate_checkpoint(data, args, env):
     """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
-    if not args.init:
-        raise UserError("--mode eval needs --init CHECKPOINT")
     ckpt = load_checkpoint(args.init)
     cfg = star.StarConfig(**ckpt["config"])
-    have = tuple(data.x.shape[1:])
-    if have != (cfg.in_chans, cfg.img_size, cfg.img_size) or cfg.num_classes < data.num_classes:
-        raise UserError(f"{data.name} ({have[0]} x {have[1]} x {have[2]} images, {data.num_classes} classes) does not "
-                        f"fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x {cfg.img_size}, "
-                        f"{cfg.num_classes} classes); --img_size {cfg.img_size} resizes the images")
-    model = (star.StarPretrain if ckpt["phase"] == "pretrain" else star.StarClassifier)(cfg).to(env.device)
+    c, h, w = data.x.shape[1:]
+    fits = (c, h, w) == (cfg.in_chans, cfg.img_size, cfg.img_size)
+    if not fits or cfg.num_classes < data.num_classes:
+        raise UserError(f"{data.name} ({c} x {h} x {w} images, {data.num_classes} classes) does "
+                        f"not fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x "
+                        f"{cfg.img_size}, {cfg.num_classes} classes); --img_size {cfg.img_size} "
+                        f"resizes the images")
+    pretrained = ckpt["phase"] == "pretrain"
+    model = (star.StarPretrain if pretrained else star.StarClassifier)(cfg).to(env.device)
     model.load_state_dict(ckpt["model"])
-    data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
+    data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
+    data.std = ckpt["norm"][1].to(env.device)
     result = {"phase": "eval", "checkpoint": args.init, **evaluate(model, data, args, env)}
-    if ckpt["phase"] == "pretrain":
+    if pretrained:
         result |= evaluate_by_slot(model, data, args, env)
         if env.master:
             sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
@@ -913,12 +939,9 @@ def evaluate_by_slot(model, data, args, env):
     """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
     where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
     K = model.cfg.images_per_seq
-    lo, hi = _chunks(len(data.x_test), K, env)
-    bs = max(args.batch_size // K * K, K)
     sums = torch.zeros(len(model.target), device=env.device, dtype=torch.float64)  # (Q,)
     model.eval()
-    for s in range(lo, hi, bs):
-        x = normalize(data.x_test[s:min(s + bs, hi)], data)
+    for x, _ in eval_batches(data, K, args, env):
         with autocast(env):
             pred, true = model.predict(x)  # (b/K, Q, p*p*C) each
         sums += star.next_cluster_loss(pred, true, per_target=True).double().sum(0)  # (Q,)
@@ -926,14 +949,12 @@ def evaluate_by_slot(model, data, args, env):
     if env.ddp:
         dist.all_reduce(sums)
     rows = model.loss_by_slot(sums / max(len(data.x_test) // K, 1))
-    got = {(r["slot"], r["part"]): r for r in rows}
+    got = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
     lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
              f"targets per sequence in parentheses:",
              "  slot  first cluster     other clusters"]
     for k in range(1, K + 1):
-        cells = [f"{got[k, p]['loss']:.4f} ({got[k, p]['targets']})" if (k, p) in got else "-"
-                 for p in ("first", "rest")]
-        lines.append(f"  {k:4d}  {cells[0]:<16s}  {cells[1]}")
+        lines.append(f"  {k:4d}  {got.get((k, 'first'), '-'):<16s}  {got.get((k, 'rest'), '-')}")
     if env.master:
         print("\n".join(lines), flush=True)
     return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
@@ -1016,10 +1037,14 @@ def main(argv=None):
         check_args(args)
         env = setup(args)
         return run(args, env)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the last checkpoint of each phase stays
+        raise SystemExit(f"interrupted: {args.out} keeps every finished epoch; continue with the "
+                         f"same command and --resume (it repeats the interrupted epoch)") from None
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"out of GPU memory in {env.phase or 'setup'} at --batch_size {args.batch_size} "
-                         f"({args.batch_size // env.world} images per GPU): lower --batch_size (say to "
-                         f"{args.batch_size // 2}); the checkpoints in {args.out} are kept, so --resume goes on") from None
+        raise SystemExit(f"out of GPU memory in {env.phase or 'setup'} at --batch_size "
+                         f"{args.batch_size} ({args.batch_size // env.world} images per GPU): "
+                         f"lower --batch_size (say to {args.batch_size // 2}); the checkpoints in "
+                         f"{args.out} are kept, so --resume goes on") from None
     except UserError as e:
         if os.environ.get("STAR_DEBUG") == "1":
             raise
@@ -1031,4 +1056,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops like Ctrl-C
     main()

@@ -138,8 +138,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "random_crops", interrupt_at_step_9)
     with pytest.raises(SystemExit, match="interrupted"):
         run(tmp_path / "b", *argv)
+    # the checkpoint holds the last finished epoch; --resume repeats the interrupted one
     ckpt = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
-    assert (ckpt["epoch"], ckpt["data_order"]["batch"], ckpt["step"]) == (1, 3, 9)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 6)
     monkeypatch.setattr(train, "random_crops", crops)
     run(tmp_path / "b", *argv, "--resume")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rs if "phase" in r]
