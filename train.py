@@ -1,23 +1,25 @@
 """
-Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or evaluate it.
+Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or
+evaluate it.
 
-    python train.py                                  # offline demo: shapes, 500 labelled, CPU
+    python train.py                        # offline demo: shapes, 500 of them labelled, CPU minutes
     python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 \
         --ft_lr 1e-3 --labeled 0 --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 \
-        --out runs/c10                               # CIFAR-10 on a GPU, 87% (README; data/)
-    python train.py --images_per_seq 1 --separator none ...   # the ARM baseline; K>1 with no separator: concat only
-    python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/c10_ft   # (no --init: from scratch)
-    python train.py --mode probe --init runs/c10/pretrain.pt --out runs/c10_probe   # linear probe, frozen encoder
+        --out runs/c10                     # CIFAR-10 on a GPU, 87% (README)
+    python train.py --images_per_seq 1 --separator none ...  # ARM; K>1 without separator: concat
+    python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/ft  # no --init: scratch
+    python train.py --mode probe --init runs/c10/pretrain.pt --out runs/probe  # frozen encoder
     python train.py --mode eval --init runs/c10/finetune.pt --data cifar10
-    python train.py --out runs/c10 --resume ...      # go on where it stopped; Ctrl-C saves at a step boundary
-    torchrun --standalone --nproc_per_node 8 train.py ...   # DDP: every GPU takes its share of each global batch
+    python train.py --out runs/c10 --resume ...  # go on after the last finished epoch
+    torchrun --standalone --nproc_per_node 8 train.py ...  # DDP: each GPU takes a share of a batch
 
-Data: synthetic | cifar10 | cifar100 | folder:PATH (ImageFolder layout: PATH/train and PATH/val or PATH/test, or
-one folder split 90/10) | npz:GLOB (x uint8 N x H x W [x C], y int; test split from --test_data npz:GLOB).
-The model is built for the data's image size, channels and classes; --img_size resizes the data.
-Every knob below is a flag (--name value); so is every field of star.StarConfig (--width 256 --separator token).
-Run folder: {pretrain,finetune,scratch,probe}.pt checkpoints, log.jsonl (one JSON line per epoch), and
-samples_*.png: test images, the teacher-forced next-cluster predictions, lower halves completed autoregressively.
+Data: synthetic | cifar10 | cifar100 | folder:PATH (ImageFolder layout: PATH/train and PATH/val or
+PATH/test, or one folder split 90/10) | npz:GLOB (x uint8 N x H x W [x C], y int; the test split
+from --test_data npz:GLOB). The model is built for the data's image size, channels and classes;
+--img_size resizes the data. Every knob below is a flag (--name value); so is every field of
+star.StarConfig (--width 256 --separator token). Run folder: {pretrain,finetune,scratch,probe}.pt
+checkpoints, log.jsonl (one JSON line per epoch), and samples_*.png: test images, the
+teacher-forced next-cluster predictions, lower halves completed autoregressively.
 """
 import argparse
 import glob
@@ -50,25 +52,25 @@ log = logging.getLogger("train")
 @dataclass
 class Args:
     # what to run, on what
-    mode: str = "all"             # all: pretrain, finetune from it and from scratch, report | pretrain | finetune | probe | eval
+    mode: str = "all"             # all: pretrain, then finetune from it and from scratch, report
     data: str = "synthetic"       # synthetic | cifar10 | cifar100 | folder:PATH | npz:GLOB
-    test_data: str = ""           # folder:PATH or npz:GLOB for the test split (else the data's own, or 10% held out)
+    test_data: str = ""           # folder:PATH or npz:GLOB test split (else the data's own)
     data_dir: str = "data"        # where torchvision downloads CIFAR
     img_size: int = 0             # resize the images to this side (0: keep the data's size)
-    num_train: int = 0            # use the first N training images (0: all; synthetic: 5000 generated)
+    num_train: int = 0            # use the first N training images (0: all; synthetic: 5000)
     num_test: int = 0             # the same for the test split (synthetic: 1000)
     preset: str = "demo"          # star.py preset: tiny | demo | cifar | base
-    init: str = ""                # pretraining checkpoint to finetune or probe; the checkpoint to evaluate
+    init: str = ""                # checkpoint to finetune or probe from, or to evaluate
     out: str = "runs/default"     # run folder
     resume: bool = False          # continue the checkpoints in --out where they stopped
     seed: int = 0                 # model initialisation, data order and augmentation
     # pretraining, ARM's recipe (short runs want a higher lr than ARM's 1.5e-4 over 1600 epochs)
     pretrain_epochs: int = 16     # passes over the training set
-    batch_size: int = 64          # global batch of both phases, in images, split evenly over the GPUs
+    batch_size: int = 64          # global batch of both phases, in images, split over the GPUs
     lr: float = 1e-2              # at batch 256; the lr used is lr * batch_size / 256
     warmup_epochs: float = 1.0    # linear lr warm-up, then cosine decay to 0
     min_scale: float = 0.2        # random-resized-crop area in (min_scale, 1), and horizontal flips
-    weight_decay: float = 0.05    # AdamW, betas (0.9, 0.95); none on norms, biases, A_log, separator, query
+    weight_decay: float = 0.05    # AdamW; none on norms, biases, A_log, D, separator, query
     clip_grad: float = 3.0        # pretraining only: clip the gradient norm (ARM: 3.0); 0 = off
     # finetuning (and probing), single images, the preset's scans (scan_dirs)
     finetune_epochs: int = 60     # of the labelled part: 60 x 500 images by default
@@ -85,7 +87,7 @@ class Args:
     log_every: int = 10           # steps between progress-bar updates (and loss checks)
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
-    precision: str = "auto"       # auto: bf16 on GPUs of compute capability 8.0+, fp16 below, fp32 on CPU
+    precision: str = "auto"       # auto: bf16 on GPUs of sm_80+, fp16 (scaled) below, fp32 on CPU
     progress: bool = True         # tqdm bars
     overrides: dict = field(default_factory=dict)  # StarConfig fields given as flags
 
@@ -246,7 +248,9 @@ def autocast(env):
 
 
 def _sdf_plus(u, v):
-    return torch.maximum(torch.minimum(0.3 - u.abs(), 1 - v.abs()), torch.minimum(0.3 - v.abs(), 1 - u.abs()))
+    horizontal = torch.minimum(0.3 - v.abs(), 1 - u.abs())
+    vertical = torch.minimum(0.3 - u.abs(), 1 - v.abs())
+    return torch.maximum(vertical, horizontal)
 
 
 def _box(u, v):
@@ -259,18 +263,19 @@ SHAPES = {
     "ring": lambda u, v: 0.28 - (torch.hypot(u, v) - 0.72).abs(),
     "square": lambda u, v: 0.85 - _box(u, v),
     "frame": lambda u, v: 0.2 - (_box(u, v) - 0.7).abs(),
-    "triangle": lambda u, v: 0.5 - torch.maximum(v, torch.maximum(-0.866 * u - 0.5 * v, 0.866 * u - 0.5 * v)),
+    "triangle": lambda u, v: 0.5 - torch.maximum(v, (0.866 * u.abs() - 0.5 * v)),
     "plus": _sdf_plus,
     "cross": lambda u, v: _sdf_plus((u + v) / 2 ** 0.5, (u - v) / 2 ** 0.5),
     "stripes": lambda u, v: torch.minimum(0.85 - _box(u, v), 0.25 * torch.sin(u * 2.5 * math.pi)),
-    "checker": lambda u, v: torch.minimum(0.85 - _box(u, v), 0.5 * torch.sin(u * 2 * math.pi) * torch.sin(v * 2 * math.pi)),
+    "checker": lambda u, v: torch.minimum(
+        0.85 - _box(u, v), 0.5 * torch.sin(u * 2 * math.pi) * torch.sin(v * 2 * math.pi)),
     "dots": lambda u, v: 0.32 - torch.stack([torch.hypot(u - a, v - b) for a, b in
                                              ((0, -0.6), (-0.55, 0.45), (0.55, 0.45))]).amin(0),
 }
 
 
 def synthetic_shapes(n, size=32, seed=0):
-    """The built-in offline data set: n RGB images (n, 3, size, size) uint8 of 10 shape classes, labels (n,).
+    """The built-in offline data set: n RGB images (n, 3, size, size) uint8 of 10 shapes, labels.
 
     One shape per image, of random position, radius, rotation and colour, on a background of another
     colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes.
@@ -603,28 +608,36 @@ def evaluate(model, data, args, env):
 
 @torch.no_grad()
 def complete_lower_half(model, imgs):
-    """Fill in the lower half of every image cluster by cluster, in sequence order, from its upper half.
+    """Fill in the lower half of every image cluster by cluster, in sequence order, from its upper
+    half.
 
-    The model is causal: its prediction for a cluster reads only what comes before it in the sequence (the image's
-    upper half, the clusters written in so far, the earlier images of the sequence), so we run it on the current
-    images, write its prediction for the next cluster in, and repeat. imgs (b, C, H, W) normalised, b divisible by K.
+    The model is causal: its prediction for a cluster reads only what comes before it in sequence
+    (the image's upper half, the clusters written in so far, the earlier images of the sequence), so
+    we run it on the current images, write its prediction for the next cluster in, and repeat.
+    imgs (b, C, H, W) normalised, b divisible by K.
     """
-    cfg, K = model.cfg, model.cfg.images_per_seq
-    cc, N, per_row = cfg.cluster ** 2, cfg.num_patches, cfg.grid // cfg.cluster
-    first = max(per_row // 2, 1) * per_row  # the first cluster of the lower half (clusters are in raster order)
-    row_of = torch.full((K * N,), -1, dtype=torch.long, device=imgs.device)
-    row_of[model.target] = torch.arange(len(model.target), device=imgs.device)  # sequence position -> pred row
+    cfg = model.cfg
+    K = cfg.images_per_seq
+    cc = cfg.cluster ** 2
+    N = cfg.num_patches
+    per_row = cfg.grid // cfg.cluster
+    first = max(per_row // 2, 1) * per_row  # the lower half's first cluster (raster order)
+    row_of = torch.full((K * N,), -1, dtype=torch.long, device=imgs.device)  # position -> pred row
+    row_of[model.target] = torch.arange(len(model.target), device=imgs.device)
     patches = star.patchify(imgs, cfg.patch)  # (b, N, p*p*C) raster order
     upper = patches[:, model.order[:first * cc]]  # (b, first*cc, p*p*C)
-    # the loss normalises every target patch, so predictions carry no mean or scale of their own: we de-normalise
-    # them with the average mean and std of the visible (upper-half) patches of the same image
-    mean, std = upper.mean(-1).mean(1)[:, None, None], upper.std(-1).mean(1)[:, None, None]  # (b, 1, 1)
+    # the loss normalises every target patch, so predictions carry no mean or scale of their own:
+    # we de-normalise them with the average mean and std of the same image's upper-half patches
+    mean = upper.mean(-1).mean(1)[:, None, None]  # (b, 1, 1)
+    std = upper.std(-1).mean(1)[:, None, None]  # (b, 1, 1)
     patches[:, model.order[first * cc:]] = mean  # grey until written
     for k in range(K):  # image k of every sequence
         for j in range(first, N // cc):
-            pred, _ = model.predict(star.unpatchify(patches, cfg.patch, cfg.in_chans))  # (b/K, Q, p*p*C)
-            pos = torch.arange(j * cc, (j + 1) * cc, device=imgs.device)  # cluster j's positions in its image
-            patches[k::K, model.order[pos]] = pred[:, row_of[k * N + pos]].float() * std[k::K] + mean[k::K]
+            images = star.unpatchify(patches, cfg.patch, cfg.in_chans)
+            pred, _ = model.predict(images)  # (b/K, Q, p*p*C)
+            pos = torch.arange(j * cc, (j + 1) * cc, device=imgs.device)  # cluster j in its image
+            pred_j = pred[:, row_of[k * N + pos]].float()  # (b/K, cc, p*p*C)
+            patches[k::K, model.order[pos]] = pred_j * std[k::K] + mean[k::K]
     return star.unpatchify(patches, cfg.patch, cfg.in_chans)
 
 
@@ -879,7 +892,8 @@ def _summary(keys):
 
 
 def finetune(name, cfg, data, args, env, init="", frozen=False):
-    """Finetune a classifier (frozen=True: train only its norm and head, a linear probe), from init or scratch."""
+    """Finetune a classifier from init or from scratch; frozen=True trains only its norm and head
+    (a linear probe)."""
     cfg = replace(cfg, drop_path=0.0 if frozen else args.ft_drop_path)
     torch.manual_seed(args.seed)
     model = star.StarClassifier(cfg).to(env.device)
@@ -893,8 +907,10 @@ def finetune(name, cfg, data, args, env, init="", frozen=False):
         log.info(f"{name}: from scratch")
     if frozen:
         model.encoder.requires_grad_(False)
-    return train_phase(name, model, data, args, env, args.finetune_epochs, args.ft_lr, args.ft_warmup_epochs,
-                       args.ft_min_scale, betas=(0.9, 0.999), layer_decay=1.0 if frozen else args.layer_decay)
+    layer_decay = 1.0 if frozen else args.layer_decay
+    return train_phase(name, model, data, args, env, args.finetune_epochs, args.ft_lr,
+                       args.ft_warmup_epochs, args.ft_min_scale, betas=(0.9, 0.999),
+                       layer_decay=layer_decay)
 
 
 def labeled_part(data, n):
@@ -961,13 +977,15 @@ def evaluate_by_slot(model, data, args, env):
 
 
 def run(args, env):
-    phases = {"all": ["pretrain", "finetune"] + ["scratch"] * args.compare_scratch, "pretrain": ["pretrain"],
-              "finetune": ["finetune"], "probe": ["probe"], "eval": []}[args.mode]
+    phases = {"all": ["pretrain", "finetune"] + ["scratch"] * args.compare_scratch,
+              "pretrain": ["pretrain"], "finetune": ["finetune"], "probe": ["probe"], "eval": []}
+    phases = phases[args.mode]
     os.makedirs(args.out, exist_ok=True)
     taken = [p for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
     if taken and not args.resume:
-        raise UserError(f"{args.out} already holds {', '.join(p + '.pt' for p in taken)}: pass --resume to continue "
-                        f"that run, or --out to start another")
+        held = ", ".join(p + ".pt" for p in taken)
+        raise UserError(f"{args.out} already holds {held}: pass --resume to continue that run, "
+                        f"or --out to start another")
     t0 = time.time()
     data = load_data(args, env)
     if args.mode == "eval":
@@ -989,7 +1007,10 @@ def run(args, env):
                "labeled": len(labeled.x), "preset": args.preset,
                "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
-        summary |= {"K": cfg.images_per_seq, "separator": cfg.separator, "ar_loss_before": h["pretrain"][0]["test_loss"], "ar_loss_after": h["pretrain"][-1]["test_loss"]}
+        summary["K"] = cfg.images_per_seq
+        summary["separator"] = cfg.separator
+        summary["ar_loss_before"] = h["pretrain"][0]["test_loss"]
+        summary["ar_loss_after"] = h["pretrain"][-1]["test_loss"]
     for p in ("finetune", "scratch", "probe"):
         if p in h:
             summary[f"{p}_acc"] = h[p][-1]["test_acc"]
@@ -1011,7 +1032,8 @@ def report(s, cfg, args):
         lines.append(f"    AR loss (test)    {s['ar_loss_before']:.4f} before, "
                      f"{s['ar_loss_after']:.4f} after")
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
-    names = {"finetune": f"finetuned from {init}", "scratch": "from scratch", "probe": f"linear probe of {init}"}
+    names = {"finetune": f"finetuned from {init}", "scratch": "from scratch",
+             "probe": f"linear probe of {init}"}
     if any(f"{p}_acc" in s for p in names):
         both = ", the same recipe for both:" if "scratch_acc" in s else ":"
         lines.append(f"  finetuning on {s['labeled']} labelled training images, "
