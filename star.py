@@ -161,8 +161,7 @@ class _ScanCore(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, u, delta, A, B, C):
         b, d, l = u.shape
-        g = B.shape[1]
-        n = B.shape[2]
+        _, g, n, _ = B.shape
         ut = u.transpose(1, 2).contiguous()  # (b, l, d)
         dt = delta.transpose(1, 2).contiguous()  # (b, l, d)
         Bt = B.permute(0, 3, 1, 2).contiguous()  # (b, l, g, n)
@@ -178,8 +177,7 @@ class _ScanCore(torch.autograd.Function):
     def backward(ctx, dy, dh_last):
         ut, dt, A, Bt, Ct = ctx.saved_tensors
         b, l, d = ut.shape
-        g = Bt.shape[2]
-        n = Bt.shape[3]
+        _, _, g, n = Bt.shape
         H = d // g  # channels per group
         dy = dy.transpose(1, 2).contiguous().view(b, l, g, H, 1)  # (b, l, g, d/g, 1)
         du_in = (dt * ut).view(b, l, g, H, 1)  # (b, l, g, d/g, 1): Δ_t u_t
@@ -222,6 +220,7 @@ class _ScanCore(torch.autograd.Function):
         dB = dB.permute(0, 2, 3, 1)  # (b, g, n, l)
         dC = dC.view(b, l, g, n).permute(0, 2, 3, 1)  # (b, g, n, l)
         return du.transpose(1, 2), ddelta.transpose(1, 2), dA_param, dB, dC
+
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
@@ -385,9 +384,8 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
                         return_last_state=False):
     """selective_scan_ref on the CUDA kernels of scan_cuda.cu (call _cuda_kernel() first).
 
-    u, delta, z: (b, d, l); A: (d, n), n <= 64; B, C: (b, n, l) or (b, g, n, l); D, delta_bias (d,).
-    Returns out (b, d, l) in u's dtype, and the last state (b, d, n) float32 if return_last_state.
-    Official implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py,
+    selective_scan_ref's shapes with n <= 64; the last state (b, d, n) comes in float32. Official
+    implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py,
     selective_scan_fn. Unlike the official kernel, the gradient of the last state flows back too.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)  # the same errors as the other scans
@@ -688,6 +686,7 @@ class VisionMamba(nn.Module):
                 feats.append(x)
         return feats or [x]
 
+
 # -----------------------------------------------------------------------------
 # STAR: separator packing and the next-cluster objective
 
@@ -740,9 +739,9 @@ def _patch_stats(patches, eps=1e-6):
 
 
 def next_cluster_loss(pred, patches, eps=1e-6, per_target=False):
-    """MSE between predictions and per-patch normalised pixels (each patch minus its mean, over
-    its std). pred, patches (..., p*p*C). Returns the mean, or with per_target the MSE of every
-    target (...).
+    """MSE against per-patch normalised pixels: each patch minus its mean, over its std.
+
+    pred, patches (..., p*p*C). Returns the mean, or with per_target the MSE of every target (...).
     """
     mean, std = _patch_stats(patches, eps)
     norm = ((patches - mean) / std).float()  # (..., p*p*C)
@@ -884,8 +883,9 @@ class StarPretrain(nn.Module):
         return rows
 
     def predicted_images(self, imgs):
-        """The teacher-forced predictions as images (b, C, H, W), each patch shown with its true
-        mean and std. The first cluster of the first image is kept when it is no target.
+        """Teacher-forced predictions as images (b, C, H, W), in each patch's true mean and std.
+
+        The first cluster of the first image is kept as it is when it is no target.
         """
         cfg = self.cfg
         pred, true = self.predict(imgs)  # (b/K, Q, p*p*C) each
