@@ -80,43 +80,56 @@ def _grouped(M):
     return M.unsqueeze(1) if M.dim() == 3 else M
 
 
+def _scan_in_pytorch(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Both PyTorch scans: Δ's bias and softplus, then core for y_t = C_t h_t, then D and the gate.
+
+    core(u, delta, A, B, C) returns y (b, d, l) and the last state h (b, d, n). Math in float32
+    (float64 for float64 inputs, so gradcheck can use it); output in u's dtype.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    ft = torch.promote_types(u.dtype, torch.float32)  # the math dtype
+    uf = u.to(ft)  # (b, d, l)
+    delta = delta.to(ft)  # (b, d, l)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ft)[:, None]  # (b, d, l)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B = _grouped(B).to(ft)  # (b, g, n, l)
+    C = _grouped(C).to(ft)  # (b, g, n, l)
+    y, h_last = core(uf, delta, A.to(ft), B, C)  # (b, d, l), (b, d, n)
+    if D is not None:
+        y = y + D.to(ft)[:, None] * uf
+    if z is not None:
+        y = y * F.silu(z.to(ft))
+    y = y.to(u.dtype)
+    return (y, h_last) if return_last_state else y
+
+
+def _ref_core(u, delta, A, B, C):
+    """The recurrence one step at a time; autograd does the backward."""
+    b, d, l = u.shape
+    B = B.repeat_interleave(d // B.shape[1], dim=1)  # (b, d, n, l): channel i, group i // (d/g)
+    C = C.repeat_interleave(d // C.shape[1], dim=1)  # (b, d, n, l)
+    h = u.new_zeros(b, d, A.shape[1])  # (b, d, n)
+    ys = []
+    for t in range(l):
+        dA = torch.exp(delta[:, :, t, None] * A)  # (b, d, n)
+        h = dA * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]  # (b, d, n)
+        ys.append((h * C[..., t]).sum(-1))  # (b, d)
+    return torch.stack(ys, dim=2), h  # (b, d, l), (b, d, n)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """The oracle: the recurrence one step at a time, with autograd doing the backward.
 
     Same semantics and shapes as the official selective_scan_ref (state-spaces/mamba,
     mamba_ssm/ops/selective_scan_interface.py): u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or
-    grouped (b, g, n, l), channel i reading group i // (d // g); D, delta_bias (d,). Math in float32
-    (float64 for float64 inputs, so gradcheck can use it); output in u's dtype; the last state
-    (b, d, n) in the math dtype. Real weights only.
+    grouped (b, g, n, l), channel i reading group i // (d // g); D, delta_bias (d,). Output in u's
+    dtype; the last state (b, d, n) in the math dtype. Real weights only.
     """
-    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    ft = torch.promote_types(u.dtype, torch.float32)  # the math dtype
-    b, d, l = u.shape
-    uf = u.to(ft)
-    delta = delta.to(ft)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ft)[:, None]  # (b, d, l)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    B = _grouped(B).to(ft)
-    C = _grouped(C).to(ft)
-    B = B.repeat_interleave(d // B.shape[1], dim=1)  # (b, d, n, l)
-    C = C.repeat_interleave(d // C.shape[1], dim=1)  # (b, d, n, l)
-    A = A.to(ft)
-    h = uf.new_zeros(b, d, A.shape[1])  # (b, d, n)
-    ys = []
-    for t in range(l):
-        dA = torch.exp(delta[:, :, t, None] * A)  # (b, d, n)
-        h = dA * h + (delta[:, :, t] * uf[:, :, t])[..., None] * B[..., t]  # (b, d, n)
-        ys.append((h * C[..., t]).sum(-1))  # (b, d)
-    out = torch.stack(ys, dim=2)  # (b, d, l)
-    if D is not None:
-        out = out + D.to(ft)[:, None] * uf
-    if z is not None:
-        out = out * F.silu(z.to(ft))
-    out = out.to(u.dtype)
-    return (out, h) if return_last_state else out
+    return _scan_in_pytorch(_ref_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                            return_last_state)
 
 
 def _scan_states(u, delta, A, B):
@@ -148,8 +161,7 @@ class _ScanCore(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, u, delta, A, B, C):
         b, d, l = u.shape
-        g = B.shape[1]
-        n = B.shape[2]
+        _, g, n, _ = B.shape
         ut = u.transpose(1, 2).contiguous()  # (b, l, d)
         dt = delta.transpose(1, 2).contiguous()  # (b, l, d)
         Bt = B.permute(0, 3, 1, 2).contiguous()  # (b, l, g, n)
@@ -165,8 +177,7 @@ class _ScanCore(torch.autograd.Function):
     def backward(ctx, dy, dh_last):
         ut, dt, A, Bt, Ct = ctx.saved_tensors
         b, l, d = ut.shape
-        g = Bt.shape[2]
-        n = Bt.shape[3]
+        _, _, g, n = Bt.shape
         H = d // g  # channels per group
         dy = dy.transpose(1, 2).contiguous().view(b, l, g, H, 1)  # (b, l, g, d/g, 1)
         du_in = (dt * ut).view(b, l, g, H, 1)  # (b, l, g, d/g, 1): Δ_t u_t
@@ -218,23 +229,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     The l-step loop is one fused in-place multiply-add on (b, d, n) per step, with no autograd
     graph; the contractions with C, B are batched matmuls; all on (b, d, l) is plain autograd.
     """
-    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    ft = torch.promote_types(u.dtype, torch.float32)
-    uf = u.to(ft)
-    delta = delta.to(ft)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ft)[:, None]  # (b, d, l)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    B = _grouped(B).to(ft)
-    C = _grouped(C).to(ft)
-    y, h_last = _ScanCore.apply(uf, delta, A.to(ft), B, C)  # (b, d, l), (b, d, n)
-    if D is not None:
-        y = y + D.to(ft)[:, None] * uf
-    if z is not None:
-        y = y * F.silu(z.to(ft))
-    y = y.to(u.dtype)
-    return (y, h_last) if return_last_state else y
+    return _scan_in_pytorch(_ScanCore.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                            return_last_state)
 
 
 # -----------------------------------------------------------------------------
@@ -271,10 +267,10 @@ def _find_cuda_home():
 
 def _build_kernel():
     """Compile scan_cuda.cu for this GPU (or TORCH_CUDA_ARCH_LIST); torch caches the build."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")  # set it to build without a GPU, e.g. "9.0"
-    if not arch and not torch.cuda.is_available():
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")  # set it to build without a GPU, e.g. "9.0"
+    if not given and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU")
-    arch = arch or "%d.%d" % torch.cuda.get_device_capability()
+    arch = given or "%d.%d" % torch.cuda.get_device_capability()
     if not os.environ.get("CUDA_HOME"):
         home = _find_cuda_home()
         if home is None:
@@ -284,7 +280,6 @@ def _build_kernel():
     from torch.utils import cpp_extension
     cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch read CUDA_HOME when it was imported
     name = "star_scan_sm" + re.sub(r"\W", "", arch.replace("+PTX", ""))  # one build per arch
-    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # what cpp_extension builds for
     try:
         return cpp_extension.load(name=name, sources=[_SCAN_CU], extra_cuda_cflags=["-O3"])
@@ -376,23 +371,21 @@ class _CudaScan(torch.autograd.Function):
         dlast = None if dlast is None else dlast.float().contiguous()  # (b, d, n)
         softplus = ctx.delta_softplus
         grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, dout, ckpt, dlast)
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = grads
+        du, ddelta, dA, dB, dC = grads[:5]
         l = u.shape[2]
         dB = dB[..., :l].reshape(ctx.B_meta[0]).to(ctx.B_meta[1])  # B's own shape and dtype
         dC = dC[..., :l].reshape(ctx.C_meta[0]).to(ctx.C_meta[1])
-        dD = dD if D is not None else None
-        dz = dz if z is not None else None
-        ddelta_bias = ddelta_bias if delta_bias is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None
+        # dD, dz, ddelta_bias only for the inputs that were given
+        optional = [g if t is not None else None for g, t in zip(grads[5:], (D, z, delta_bias))]
+        return du, ddelta, dA, dB, dC, *optional, None, None
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
     """selective_scan_ref on the CUDA kernels of scan_cuda.cu (call _cuda_kernel() first).
 
-    u, delta, z: (b, d, l); A: (d, n), n <= 64; B, C: (b, n, l) or (b, g, n, l); D, delta_bias (d,).
-    Returns out (b, d, l) in u's dtype, and the last state (b, d, n) float32 if return_last_state.
-    Official implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py,
+    selective_scan_ref's shapes with n <= 64; the last state (b, d, n) comes in float32. Official
+    implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py,
     selective_scan_fn. Unlike the official kernel, the gradient of the last state flows back too.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)  # the same errors as the other scans
@@ -447,9 +440,9 @@ class StarConfig:
     img_size: int = 32           # image side in pixels (square images)
     in_chans: int = 3            # 3 for RGB, 1 for grayscale
     patch: int = 4               # patch side in pixels: one token per patch
-    cluster: int = 2             # cluster side in patches: c x c patches are predicted together (1 = next patch)
-    images_per_seq: int = 4      # K: images packed into one pretraining sequence (STAR uses 4; ARM is 1)
-    separator: str = "cluster"   # before every image: "none", "token" (one token) or "cluster" (c*c tokens)
+    cluster: int = 2             # c: c x c patches are predicted together (1 = next patch)
+    images_per_seq: int = 4      # K: images packed into one pretraining sequence (STAR 4, ARM 1)
+    separator: str = "cluster"   # before every image: "none", "token" (1) or "cluster" (c*c tokens)
     width: int = 192             # model width; the scan runs on expand * width channels
     depth: int = 12              # MambaMLP blocks
     d_state: int = 16            # n, the state size of every channel
@@ -461,18 +454,19 @@ class StarConfig:
     dec_heads: int = 3           # ARM's heads are 64 wide: dec_width // 64
     taps: int = 4                # encoder layers the decoder reads, in the upper half (ARM)
     num_classes: int = 10
-    scan_dirs: int = 4           # classifier scans: 4 = rows and columns both ways (ARM), 2 = Vim's, 1 = causal
+    scan_dirs: int = 4           # classifier scans: 4 = rows, columns both ways (ARM), 2 = Vim's
     drop_path: float = 0.0       # stochastic depth at the last block (linearly less before it)
 
     def __post_init__(self):
         if self.img_size % self.patch:
             raise ValueError(f"img_size must be divisible by patch: got img_size={self.img_size}, "
                              f"patch={self.patch}")
-        if (self.img_size // self.patch) % self.cluster:
-            raise ValueError(f"the patch grid ({self.img_size // self.patch} per side) must be divisible by "
+        if self.grid % self.cluster:
+            raise ValueError(f"the patch grid ({self.grid} per side) must be divisible by "
                              f"cluster, got cluster={self.cluster}")
         if self.separator not in ("none", "token", "cluster"):
-            raise ValueError(f"separator must be 'none', 'token' or 'cluster', got {self.separator!r}")
+            raise ValueError(f"separator must be 'none', 'token' or 'cluster', "
+                             f"got {self.separator!r}")
         if self.scan_dirs not in (1, 2, 4):
             raise ValueError(f"scan_dirs must be 1, 2 or 4, got {self.scan_dirs}")
         if not 1 <= self.taps <= self.depth // 2 + 1:
@@ -483,22 +477,37 @@ class StarConfig:
             raise ValueError(f"dec_width must be divisible by dec_heads, got "
                              f"dec_width={self.dec_width}, dec_heads={self.dec_heads}")
 
-    grid = property(lambda self: self.img_size // self.patch)                   # patches per side
-    num_patches = property(lambda self: self.grid ** 2)                          # N tokens per image
-    patch_dim = property(lambda self: self.patch ** 2 * self.in_chans)           # pixels per patch
-    sep_len = property(lambda self: {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator])
-    seq_len = property(lambda self: self.images_per_seq * (self.sep_len + self.num_patches))
+    @property
+    def grid(self):  # patches per side
+        return self.img_size // self.patch
+
+    @property
+    def num_patches(self):  # N, the tokens of one image
+        return self.grid ** 2
+
+    @property
+    def patch_dim(self):  # pixel values per patch
+        return self.patch ** 2 * self.in_chans
+
+    @property
+    def sep_len(self):  # s, the tokens of one separator
+        return {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator]
+
+    @property
+    def seq_len(self):  # L, the tokens of one packed sequence
+        return self.images_per_seq * (self.sep_len + self.num_patches)
 
 
 class MambaMixer(nn.Module):
-    """Mamba: in_proj to (x, z), a causal conv and a selective scan per direction, gate silu(z), out_proj.
+    """Mamba: in_proj to (x, z), a causal conv and a selective scan per direction, gate, out_proj.
 
-    Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (Mamba.__init__, forward, step).
-    Pretraining scans one direction (causal). Finetuning scans `dirs` directions, each reading the tokens in its
-    own order with its own conv, x_proj, dt_proj, A and D; their outputs are averaged before the gate, as ARM
-    does; in_proj and out_proj are shared. Every per-direction parameter has a leading axis of size dirs, so all
-    directions run together: one conv over dirs*d channels, one batched matmul per projection, and one scan
-    whose B and C have one group per direction. Unlike Mamba, x_proj and dt_proj are plain weight tensors.
+    Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (Mamba.__init__,
+    forward, step). Pretraining scans one direction (causal). Finetuning scans `dirs` directions,
+    each reading the tokens in its own order with its own conv, x_proj, dt_proj, A and D; their
+    outputs are averaged before the gate, as ARM does; in_proj and out_proj are shared. Every
+    per-direction parameter has a leading axis of size dirs, so all directions run together: one
+    conv over dirs*d channels, one batched matmul per projection, and one scan whose B and C have
+    one group per direction. Unlike Mamba, x_proj and dt_proj are plain weight tensors.
     """
 
     def __init__(self, cfg, dirs=1, dt_min=1e-3, dt_max=0.1):
@@ -514,7 +523,8 @@ class MambaMixer(nn.Module):
         self.x_proj = nn.Parameter(torch.empty(dirs, r + 2 * n, d))
         self.dt_proj_weight = nn.Parameter(torch.empty(dirs, d, r))
         self.dt_proj_bias = nn.Parameter(torch.empty(dirs, d))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1.0)).repeat(dirs, d, 1))  # (dirs, d, n)
+        A = torch.arange(1, n + 1.0).repeat(dirs, d, 1)  # (dirs, d, n): -A, Mamba's S4D-real init
+        self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(dirs, d))
         self.out_proj = nn.Linear(d, cfg.width, bias=False)
         with torch.no_grad():
@@ -529,7 +539,7 @@ class MambaMixer(nn.Module):
             self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, x, orders=None):
-        """x (b, l, width); orders: (perm, inverse), each (dirs, l), or None for the causal direction."""
+        """x (b, l, width); orders (perm, inverse), each (dirs, l), or None when causal."""
         b, l, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         d = x.shape[-1]
@@ -538,14 +548,14 @@ class MambaMixer(nn.Module):
         if orders is None:
             u = x.transpose(1, 2)  # (b, d, l)
         else:
-            u = x[:, orders[0]].transpose(2, 3).flatten(1, 2)  # (b, dirs*d, l), each in its own order
+            u = x[:, orders[0]].transpose(2, 3).flatten(1, 2)  # (b, dirs*d, l), reordered
         k = self.conv_weight.shape[-1]
         u = F.conv1d(u, self.conv_weight.view(-1, 1, k), self.conv_bias.flatten(),
                      padding=k - 1, groups=self.dirs * d)  # (b, dirs*d, l + k - 1)
         u = F.silu(u[..., :l])  # (b, dirs*d, l): the right padding cut, so causal
         proj = self.x_proj @ u.view(b, self.dirs, d, l)  # (b, dirs, r + 2n, l)
         dt, B, C = proj.split(self.split, dim=2)  # B, C (b, dirs, n, l): one group per direction
-        delta = (self.dt_proj_weight @ dt).flatten(1, 2)  # (b, dirs*d, l); the bias goes in as delta_bias
+        delta = (self.dt_proj_weight @ dt).flatten(1, 2)  # (b, dirs*d, l); bias added in the scan
         A = -torch.exp(self.A_log.float()).flatten(0, 1)  # (dirs*d, n)
         y = selective_scan(u, delta, A, B, C, self.D.float().flatten(),
                            delta_bias=self.dt_proj_bias.float().flatten(), delta_softplus=True)
@@ -556,8 +566,8 @@ class MambaMixer(nn.Module):
         return self.out_proj(y * F.silu(z))  # (b, l, width)
 
     def step(self, x, state):
-        """One token x (b, width), causal direction; state = (conv_state, ssm_state) from init_state."""
-        conv_state, ssm_state = state  # (b, d, d_conv), (b, d, n); both updated in place
+        """One token x (b, width), causal direction; state from init_state, updated in place."""
+        conv_state, ssm_state = state  # (b, d, d_conv), (b, d, n)
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d) each
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
@@ -592,7 +602,8 @@ class MambaMLPBlock(nn.Module):
 
     def __init__(self, cfg, dirs=1, drop_path=0.0):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width)
         self.mixer = MambaMixer(cfg, dirs)
         self.mlp = SwiGLU(cfg.width, int(cfg.mlp_ratio * cfg.width))
         self.drop_path = drop_path
@@ -615,12 +626,13 @@ def sincos_2d(grid, width):
         raise ValueError(f"width must be divisible by 4 for the 2D sin-cos embedding, got {width}")
     freq = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))  # (width/4,)
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ang_y, ang_x = ys.flatten()[:, None] * freq, xs.flatten()[:, None] * freq  # (N, width/4) each
+    ang_y = ys.flatten()[:, None] * freq  # (N, width/4)
+    ang_x = xs.flatten()[:, None] * freq  # (N, width/4)
     return torch.cat([ang_x.sin(), ang_x.cos(), ang_y.sin(), ang_y.cos()], dim=1)  # (N, width)
 
 
 def patchify(imgs, p):
-    """(b, C, H, W) -> (b, N, p*p*C): patches in raster order, each patch's pixels as (py, px, channel)."""
+    """(b, C, H, W) -> (b, N, p*p*C): patches in raster order, pixels as (py, px, channel)."""
     b, c, hh, ww = imgs.shape
     x = imgs.reshape(b, c, hh // p, p, ww // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (hh // p) * (ww // p), p * p * c)
@@ -635,8 +647,8 @@ def unpatchify(patches, p, c):
 
 
 def cluster_order(grid, c):
-    """(N,) raster patch index of every sequence position: clusters in raster order, patches inside in raster order."""
-    idx = torch.arange(grid * grid).view(grid // c, c, grid // c, c)  # (cluster row, row in it, cluster col, col)
+    """(N,) raster index of the patch at every position: clusters, and patches in them, raster."""
+    idx = torch.arange(grid * grid).view(grid // c, c, grid // c, c)  # (grid/c, c, grid/c, c)
     return idx.permute(0, 2, 1, 3).flatten()
 
 
@@ -652,11 +664,11 @@ def scan_orders(grid, dirs):
 
 
 class VisionMamba(nn.Module):
-    """Patch embedding, then MambaMLP blocks; returns the output of every block that taps_at names."""
+    """Patch embedding, then MambaMLP blocks; returns the output of the blocks taps_at names."""
 
     def __init__(self, cfg, dirs=1):
         super().__init__()
-        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.width)  # a conv with stride = patch, on patchified pixels
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.width)  # a stride-p conv, on patches
         self.register_buffer("pos", sincos_2d(cfg.grid, cfg.width), persistent=False)  # (N, width)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MambaMLPBlock(cfg, dirs, r) for r in rates)
@@ -666,13 +678,14 @@ class VisionMamba(nn.Module):
         return self.patch_embed(patches) + self.pos
 
     def forward(self, x, taps_at=(), orders=None):
-        """x (b, l, width) -> list of (b, l, width), one per index in taps_at (the last block when empty)."""
+        """x (b, l, width) -> list of (b, l, width): one per index in taps_at, or the last."""
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x, orders)
             if i in taps_at:
                 feats.append(x)
         return feats or [x]
+
 
 # -----------------------------------------------------------------------------
 # STAR: separator packing and the next-cluster objective
@@ -693,7 +706,7 @@ def pack_with_separators(tokens, separator, K):
 
 
 def unpack_images(seq, K, s):
-    """The inverse of pack_with_separators: (b/K, K*(s+N), width) -> (b, N, width), separators dropped."""
+    """Inverse of pack_with_separators: (b/K, K*(s+N), width) -> (b, N, width), no separators."""
     bk, length, width = seq.shape
     return seq.view(bk, K, length // K, width)[:, :, s:].flatten(0, 1)
 
@@ -701,33 +714,44 @@ def unpack_images(seq, K, s):
 def next_cluster_targets(cfg):
     """Which patches are targets and what each may see.
 
-    Returns target (Q,) indices into the K*N image patches of a sequence (in sequence order), and
-    visible (Q, L) bool: the target patch in cluster j of image k sees every sequence position before the first
-    token of that cluster (the separator and all earlier images included), nothing after. Separators are never
-    targets; the first cluster of the first image is no target when there is no separator to predict it from.
+    Returns target (Q,): indices into the K*N image patches of a sequence (in sequence order), and
+    visible (Q, L) bool: the target patch in cluster j of image k sees every sequence position
+    before the first token of that cluster (the separator and all earlier images included),
+    nothing after. Separators are never targets; the first cluster of the first image is no target
+    when there is no separator to predict it from.
     """
-    K, s, num, cc = cfg.images_per_seq, cfg.sep_len, cfg.num_patches, cfg.cluster ** 2
-    k, i = torch.arange(K).repeat_interleave(num), torch.arange(num).repeat(K)  # (K*N,) image, position in image
-    cluster_start = k * (s + num) + s + (i // cc) * cc  # (K*N,) sequence position of the cluster's first token
+    s = cfg.sep_len
+    num = cfg.num_patches
+    cc = cfg.cluster ** 2
+    k = torch.arange(cfg.images_per_seq).repeat_interleave(num)  # (K*N,): the image of each patch
+    i = torch.arange(num).repeat(cfg.images_per_seq)  # (K*N,): its position in that image
+    cluster_start = k * (s + num) + s + (i // cc) * cc  # (K*N,): where its cluster starts
     visible = torch.arange(cfg.seq_len)[None, :] < cluster_start[:, None]  # (K*N, L)
     target = visible.any(1).nonzero().squeeze(1)  # (Q,)
     return target, visible[target]
 
 
+def _patch_stats(patches, eps=1e-6):
+    """The mean and std (..., 1) of every patch's pixels (..., p*p*C), as ARM normalises them."""
+    mean = patches.mean(-1, keepdim=True)  # (..., 1)
+    std = (patches.var(-1, keepdim=True) + eps).sqrt()  # (..., 1)
+    return mean, std
+
+
 def next_cluster_loss(pred, patches, eps=1e-6, per_target=False):
-    """MSE between predictions and per-patch normalised pixels (each patch minus its mean, over its std).
+    """MSE against per-patch normalised pixels: each patch minus its mean, over its std.
 
     pred, patches (..., p*p*C). Returns the mean, or with per_target the MSE of every target (...).
     """
-    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-    norm = ((patches - mean) / (var + eps).sqrt()).float()  # (..., p*p*C)
+    mean, std = _patch_stats(patches, eps)
+    norm = ((patches - mean) / std).float()  # (..., p*p*C)
     if per_target:
         return F.mse_loss(pred.float(), norm, reduction="none").mean(-1)  # (...,)
     return F.mse_loss(pred.float(), norm)
 
 
 class CrossBlock(nn.Module):
-    """ARM's decoder layer: the queries attend to the encoder features (no self-attention), then an MLP."""
+    """ARM's decoder layer: queries attend to encoder features (no self-attention), then an MLP."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -738,7 +762,8 @@ class CrossBlock(nn.Module):
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
 
     def _split_heads(self, t):
         b, length, _ = t.shape
@@ -757,9 +782,9 @@ class CrossBlock(nn.Module):
 
 
 def _init_linear(module):
-    """ARM's (timm's) init: truncated normal 0.02 for linear weights, zero biases; Mamba's Δ projection kept."""
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) and not name.endswith("dt_proj"):
+    """ARM's (timm's) init for every nn.Linear: truncated normal 0.02 weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -776,7 +801,7 @@ def _check_images(imgs, cfg, model):
 
 
 class StarPretrain(nn.Module):
-    """The causal Vision Mamba with ARM's decoder, trained to predict the next cluster of every packed image."""
+    """The causal Vision Mamba with ARM's decoder: the next cluster of every packed image."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -794,32 +819,35 @@ class StarPretrain(nn.Module):
         self.tap_norms = nn.ModuleList(nn.LayerNorm(cfg.width) for _ in self.taps_at)
         # one projection of the tapped features, split so each decoder layer reads its own (ARM)
         self.tap_proj = nn.Linear(cfg.taps * cfg.width, cfg.dec_depth * cfg.dec_width)
-        self.query = nn.Parameter(torch.zeros(1, 1, cfg.dec_width))  # one shared query, plus the target's position
+        # one shared query; each target adds its position
+        self.query = nn.Parameter(torch.zeros(1, 1, cfg.dec_width))
         nn.init.trunc_normal_(self.query, std=0.02)
-        self.dec_blocks = nn.ModuleList(CrossBlock(cfg.dec_width, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        blocks = [CrossBlock(cfg.dec_width, cfg.dec_heads) for _ in range(cfg.dec_depth)]
+        self.dec_blocks = nn.ModuleList(blocks)
         self.dec_norm = nn.LayerNorm(cfg.dec_width)
         self.dec_head = nn.Linear(cfg.dec_width, cfg.patch_dim)
-        order = cluster_order(cfg.grid, cfg.cluster)  # (N,) raster index at every position of an image
+        order = cluster_order(cfg.grid, cfg.cluster)  # (N,) raster index at every position
         target, visible = next_cluster_targets(cfg)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("target", target, persistent=False)  # (Q,)
         self.register_buffer("visible", visible, persistent=False)  # (Q, L)
-        dec_pos = sincos_2d(cfg.grid, cfg.dec_width)[order].repeat(cfg.images_per_seq, 1)[target]  # (Q, dec_width)
+        pos = sincos_2d(cfg.grid, cfg.dec_width)[order]  # (N, dec_width) in sequence order
+        dec_pos = pos.repeat(cfg.images_per_seq, 1)[target]  # (Q, dec_width)
         self.register_buffer("dec_pos", dec_pos, persistent=False)
         _init_linear(self)
 
     def predict(self, imgs):
         """Teacher-forced next-cluster predictions. imgs (b, C, H, W), b divisible by K.
 
-        Returns pred and patches, both (b/K, Q, p*p*C): the prediction and the true pixels of every target patch.
+        Returns pred and patches, both (b/K, Q, p*p*C): the prediction and the true pixels of every
+        target patch.
         """
         cfg = self.cfg
         _check_images(imgs, cfg, self)
-        K = cfg.images_per_seq
-        patches = patchify(imgs, cfg.patch)[:, self.order]  # (b, N, p*p*C) in sequence order
-        tokens = self.encoder.embed(patchify(imgs, cfg.patch))[:, self.order]  # (b, N, width)
+        patches = patchify(imgs, cfg.patch)  # (b, N, p*p*C) in raster order
+        tokens = self.encoder.embed(patches)[:, self.order]  # (b, N, width) in sequence order
         separator = self.separator.expand(cfg.sep_len, -1)  # (s, width): one vector, s times
-        seq = pack_with_separators(tokens, separator, K)  # (b/K, L, width)
+        seq = pack_with_separators(tokens, separator, cfg.images_per_seq)  # (b/K, L, width)
         feats = self.encoder(seq, taps_at=self.taps_at)  # taps x (b/K, L, width)
         tapped = torch.cat([n(f) for n, f in zip(self.tap_norms, feats)], dim=-1)  # (b/K, L, t*w)
         mems = self.tap_proj(tapped).chunk(cfg.dec_depth, dim=-1)  # dec_depth x (b/K, L, e)
@@ -827,7 +855,8 @@ class StarPretrain(nn.Module):
         for block, mem in zip(self.dec_blocks, mems):
             x = block(x, mem, self.visible)
         pred = self.dec_head(self.dec_norm(x))  # (b/K, Q, p*p*C)
-        return pred, patches.reshape(seq.shape[0], -1, cfg.patch_dim)[:, self.target]
+        true = patches[:, self.order].reshape(seq.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C)
+        return pred, true[:, self.target]
 
     def forward(self, imgs):
         """The STAR loss of a batch of images (b, C, H, W)."""
@@ -854,24 +883,26 @@ class StarPretrain(nn.Module):
         return rows
 
     def predicted_images(self, imgs):
-        """The teacher-forced predictions as images (b, C, H, W), each patch shown with its true mean and std.
+        """Teacher-forced predictions as images (b, C, H, W), in each patch's true mean and std.
 
         The first cluster of the first image is kept as it is when it is no target.
         """
         cfg = self.cfg
         pred, true = self.predict(imgs)  # (b/K, Q, p*p*C) each
-        mean, std = true.mean(-1, keepdim=True), (true.var(-1, keepdim=True) + 1e-6).sqrt()
-        patches = patchify(imgs, cfg.patch)[:, self.order].reshape(pred.shape[0], -1, cfg.patch_dim).clone()
+        mean, std = _patch_stats(true)  # (b/K, Q, 1) each
+        patches = patchify(imgs, cfg.patch)[:, self.order]  # (b, N, p*p*C), a copy
+        patches = patches.reshape(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C)
         patches[:, self.target] = (pred * std + mean).to(patches.dtype)
-        patches = patches.view(imgs.shape[0], cfg.num_patches, cfg.patch_dim)[:, torch.argsort(self.order)]
-        return unpatchify(patches, cfg.patch, cfg.in_chans)
+        patches = patches.view(imgs.shape[0], cfg.num_patches, cfg.patch_dim)  # (b, N, p*p*C)
+        return unpatchify(patches[:, torch.argsort(self.order)], cfg.patch, cfg.in_chans)
 
 
 class StarClassifier(nn.Module):
-    """Finetuning: the encoder on single images with bidirectional scans, mean pooling, a linear head.
+    """Finetuning: the encoder on single images, scan_dirs scan directions, mean pooling, a head.
 
-    ARM also puts a cls token in the middle of the sequence; we pool the patch tokens only, since the four scan
-    directions already let every token see the whole image, and there is no token for load_pretrained to miss.
+    ARM also puts a cls token in the middle of the sequence; we pool the patch tokens only, since
+    the four scan directions already let every token see the whole image, and there is no token for
+    load_pretrained to miss.
     """
 
     def __init__(self, cfg):
@@ -896,7 +927,7 @@ class StarClassifier(nn.Module):
         return self.head(self.features(imgs))  # (b, num_classes)
 
     def load_pretrained(self, state_dict):
-        """Load a StarPretrain state dict: every scan direction starts from the pretrained causal one.
+        """Load a StarPretrain state dict: every scan direction starts from the causal one.
 
         Returns (missing, unexpected) key lists, as load_state_dict does.
         """
@@ -911,7 +942,7 @@ class StarClassifier(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Presets. Parameters of the classifier (four-way scans) / of the pretraining model (with the decoder):
+# Presets. Parameters of the classifier (four-way scans) / of the pretraining model (decoder):
 #   tiny   35,582 / 52,212        tests in seconds on a CPU; 16 tokens an image, K=2
 #   demo   202,394 / 272,976      the CPU demo, K=2; one causal scan to classify, and next-patch
 #                                 targets (cluster 1), so pretraining reads the tokens in that order
@@ -932,7 +963,7 @@ PRESETS = {
 
 
 def make_config(preset, **overrides):
-    """A preset with some fields replaced, e.g. make_config("cifar", images_per_seq=1, separator="none")."""
+    """A preset with fields replaced: make_config("cifar", images_per_seq=1, separator="none")."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[preset], **overrides)
