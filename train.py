@@ -281,14 +281,20 @@ def synthetic_shapes(n, size=32, seed=0):
     colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes.
     """
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g)
+
     y = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=g)]
     r = size * (0.18 + 0.17 * rand(n, 1, 1))  # (n, 1, 1) shape radius in pixels
-    cx, cy = (size / 2 + (size / 2 - r) * (2 * rand(n, 1, 1) - 1) for _ in range(2))
+    cx = size / 2 + (size / 2 - r) * (2 * rand(n, 1, 1) - 1)  # (n, 1, 1) centre
+    cy = size / 2 + (size / 2 - r) * (2 * rand(n, 1, 1) - 1)
     angle = (rand(n, 1, 1) - 0.5) * math.pi * 2 / 9  # +-20 degrees: plus and cross stay apart
     px = torch.arange(size) + 0.5
-    dx, dy = px[None, None, :] - cx, px[None, :, None] - cy  # (n, size, size) each
-    u, v = (dx * angle.cos() + dy * angle.sin()) / r, (dy * angle.cos() - dx * angle.sin()) / r
+    dx = px[None, None, :] - cx  # (n, size, size)
+    dy = px[None, :, None] - cy  # (n, size, size)
+    u = (dx * angle.cos() + dy * angle.sin()) / r  # the shape's own coordinates
+    v = (dy * angle.cos() - dx * angle.sin()) / r
     sdf = torch.empty(n, size, size)
     for c, shape in enumerate(SHAPES.values()):
         sdf[y == c] = shape(u[y == c], v[y == c])
