@@ -91,7 +91,6 @@ __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast
 template <int O>
 __device__ __forceinline__ void reduce_scatter_round(float (&v)[SUB], int lane) {
   const bool hi = lane & O;
-#pragma unroll
   for (int i = 0; i < O; ++i) {
     const float send = hi ? v[i] : v[i + O];
     const float keep = hi ? v[i + O] : v[i];
@@ -104,7 +103,6 @@ __device__ __forceinline__ float reduce_scatter(float (&v)[SUB], int lane) {
   return v[0];
 }
 __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 threads of a channel
-#pragma unroll
   for (int o = LANES / 2; o >= 1; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
@@ -126,7 +124,6 @@ struct Slot {
   // this thread's states i of the backward's starting point for `tile`: the forward's
   // checkpoint after the tile before, 0 for the first tile
   template <int NS> __device__ void tile_start(const Params& p, int tile, float (&h)[NS]) const {
-#pragma unroll
     for (int i = 0; i < NS; ++i) {
       const size_t at = (chan(p) * p.ntiles + tile - 1) * p.dstate + lane + LANES * i;
       h[i] = tile > 0 && has(p, i) ? p.ckpt[at] : 0.f;
@@ -211,7 +208,6 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
     const float4 dt4 = ld4(dt_s + s.row * TP + j0 + k4);
     const float4 u4 = ld4(u_s + s.row * TP + j0 + k4);
     float4 B4[NS], C4[NS];
-#pragma unroll
     for (int i = 0; i < NS; ++i) {
       B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
       if (KEEP) C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
@@ -221,7 +217,6 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
       const float dt = comp(dt4, q);
       const float du = dt * comp(u4, q);
       float y = 0.f;
-#pragma unroll
       for (int i = 0; i < NS; ++i) {
         const float a = exp2_approx(dt * A2[i]);  // exp(dt A), A2 = A log2(e)
         if (KEEP) hs[i][k4 + q] = h[i];
@@ -233,13 +228,11 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
     }
   }
   if (KEEP)
-#pragma unroll
     for (int i = 0; i < NS; ++i) hs[i][SUB] = h[i];
 }
 
 // A log2(e) of this thread's states, 0 where there is no state
 template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float (&A2)[NS]) {
-#pragma unroll
   for (int i = 0; i < NS; ++i)
     A2[i] = s.has(p, i) ? p.A[size_t(s.c) * p.dstate + s.lane + LANES * i] * LOG2E : 0.f;
 }
@@ -255,7 +248,6 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   const Slot s(p);
   float A2[NS], h[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
   load_A2(p, s, A2);
-#pragma unroll
   for (int i = 0; i < NS; ++i) h[i] = 0.f;
   const float D = p.D ? p.D[s.c] : 0.f;
   T* out = static_cast<T*>(p.out);
@@ -280,7 +272,6 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
     if (p.save_all || tile == p.ntiles - 1) {
       const int slot = p.save_all ? tile : 0;
       const size_t ck = (s.chan(p) * (p.save_all ? p.ntiles : 1) + slot) * p.dstate;
-#pragma unroll
       for (int i = 0; i < NS; ++i)
         if (s.has(p, i)) p.ckpt[ck + s.lane + LANES * i] = h[i];
     }
@@ -304,7 +295,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   const int wl = s.tid % 32;
   float A2[NS], x_next[NS], dA[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
   load_A2(p, s, A2);
-#pragma unroll
   for (int i = 0; i < NS; ++i) {
     const size_t at = s.chan(p) * p.dstate + s.lane + LANES * i;
     x_next[i] = s.has(p, i) && p.dlast ? p.dlast[at] : 0.f;  // exp(dt_{t+1} A) x_{t+1}, carried back
@@ -321,7 +311,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   for (int tile = p.ntiles - 1; tile >= 0; --tile) {
     const int t0 = tile * TILE;
     next.store(p, s, t0, u_s, dt_s, dy_s, fz_s, B_s, C_s);
-#pragma unroll
     for (int i = 0; i < NS; ++i) h[i] = h_next[i];
     __syncthreads();
     if (tile > 0) {
@@ -333,7 +322,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (sub >= nsub) break;
-#pragma unroll
       for (int i = 0; i < NS; ++i) hsub_s[(sub * NS + i) * THREADS + s.tid] = h[i];
       if (sub + 1 < nsub) run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
     }
@@ -341,7 +329,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
       const int row = s.row * TP + j0;  // this channel's row in the staged tile
-#pragma unroll
       for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];  // h is free again
       run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
@@ -355,7 +342,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
           dt4 = ld4(dt_s + row + k4);
           u4 = ld4(u_s + row + k4);
           dy4 = ld4(dy_s + row + k4);
-#pragma unroll
           for (int i = 0; i < NS; ++i) {
             B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
             C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
@@ -366,7 +352,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         const float dy = comp(dy4, q);
         float sum_xB = 0.f;
         float sum_xAh = 0.f;
-#pragma unroll
         for (int i = 0; i < NS; ++i) {
           const float x = x_next[i] + comp(C4[i], q) * dy;  // dLoss/dh_t
           const float xah = x * as[i][k] * hs[i][k];        // x_t exp(dt_t A) h_{t-1}
@@ -383,7 +368,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         pdu[k] = sum_xB;
         pdd[k] = sum_xAh;
         if (q == 0)
-#pragma unroll
           for (int i = 0; i < NS; ++i) {
             float* dst = red_s + (warp * 32 * NS + 32 * i + wl) * RP + k4;
             *reinterpret_cast<float4*>(dst) = make_float4(vb[i][0], vb[i][1], vb[i][2], vb[i][3]);
@@ -433,7 +417,6 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
       __syncthreads();
     }
   }
-#pragma unroll
   for (int i = 0; i < NS; ++i)
     if (s.has(p, i)) atomicAdd(p.dA + size_t(s.c) * p.dstate + s.lane + LANES * i, dA[i]);
   dD = channel_sum(dD);
