@@ -435,8 +435,10 @@ static size_t bwd_smem(int ns) {
   return floats * sizeof(float);
 }
 
-template <typename T, int NS>
+template <typename T, int NS = 1>
 static void launch(const Params& p, bool backward) {
+  if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
+    if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
   const dim3 grid((p.dgroup + CH - 1) / CH, p.groups, p.batch);
   auto kernel = backward ? scan_bwd_kernel<T, NS> : scan_fwd_kernel<T, NS>;
   const int smem = int(backward ? bwd_smem(NS) : fwd_smem(NS));
@@ -448,17 +450,10 @@ static void launch(const Params& p, bool backward) {
   TORCH_CHECK(err == cudaSuccess, "scan_cuda: kernel launch failed: ", cudaGetErrorString(err));
 }
 
-template <typename T>
-static void launch_ns(const Params& p, bool backward) {  // NS states per thread: n <= 16 NS
-  if (p.dstate <= LANES) launch<T, 1>(p, backward);
-  else if (p.dstate <= 2 * LANES) launch<T, 2>(p, backward);
-  else launch<T, 4>(p, backward);
-}
-
 static void run(const Params& p, at::ScalarType dtype, bool backward) {
-  if (dtype == at::kFloat) launch_ns<float>(p, backward);
-  else if (dtype == at::kBFloat16) launch_ns<c10::BFloat16>(p, backward);
-  else launch_ns<c10::Half>(p, backward);
+  if (dtype == at::kFloat) launch<float>(p, backward);
+  else if (dtype == at::kBFloat16) launch<c10::BFloat16>(p, backward);
+  else launch<c10::Half>(p, backward);
 }
 
 // Error messages are built from strings only: with the GPU machine's toolchain, streaming an
