@@ -57,7 +57,7 @@ constexpr int WARPS = THREADS / 32;
 constexpr int SUB = LANES;          // steps per reduce-scatter (one per lane)
 constexpr int SUBS = 4;             // sub-tiles per tile
 constexpr int TILE = SUB * SUBS;    // steps per shared-memory tile and per checkpoint
-constexpr int TP = TILE + 4;        // row stride: rows stay 16-byte aligned, reads across rows skew banks
+constexpr int TP = TILE + 4;        // row stride: aligned rows, reads across rows skew banks
 constexpr int RP = SUB + 4;         // row stride of the dB/dC reduction buffer, same reason
 constexpr int MAX_N = 4 * LANES;    // largest state size
 constexpr float LOG2E = 1.4426950408889634f;
@@ -83,7 +83,9 @@ __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f +
 __device__ __forceinline__ float comp(const float4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 ld4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
 
 // v[k] holds this thread's part of step k; leaves in v[0] the sum over the channel's 16 threads
 // for step `lane`. Each round (O = 8, 4, 2, 1) halves the steps a thread is responsible for:
@@ -145,7 +147,7 @@ struct TileLoad {
     const size_t base = s.seq(p);
     bias = p.bias ? p.bias[s.c] : 0.f;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {  // u, delta, z (and dout) of the thread's channel, step lane + 16 i
+    for (int i = 0; i < PER; ++i) {  // u, delta, z (and dout) of the channel, step lane + 16 i
       const int t = t0 + s.lane + LANES * i;
       const bool ok = s.valid && t < p.len;
       u[i] = ok ? static_cast<const T*>(p.u)[base + t] : T(0.f);
@@ -288,7 +290,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   float* fz_s = dy_s + CH * TP;                   // dout silu'(z), so that dz = y fz
   float* B_s = fz_s + CH * TP;                    // (16 NS states, 64 steps) each
   float* C_s = B_s + NS * LANES * TP;
-  float* hsub_s = C_s + NS * LANES * TP;          // state at each sub-tile's start (SUBS, NS, THREADS)
+  float* hsub_s = C_s + NS * LANES * TP;          // each sub-tile's first state (SUBS, NS, THREADS)
   float* red_s = hsub_s + SUBS * NS * THREADS;    // dB, dC of each warp (WARPS, 32 NS, 16 steps)
   const Slot s(p);
   const int warp = s.tid / 32;
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   load_A2(p, s, A2);
   for (int i = 0; i < NS; ++i) {
     const size_t at = s.chan(p) * p.dstate + s.lane + LANES * i;
-    x_next[i] = s.has(p, i) && p.dlast ? p.dlast[at] : 0.f;  // exp(dt_{t+1} A) x_{t+1}, carried back
+    x_next[i] = s.has(p, i) && p.dlast ? p.dlast[at] : 0.f;  // exp(dt_{t+1} A) x_{t+1}
     dA[i] = 0.f;
   }
   const float D = p.D ? p.D[s.c] : 0.f;
@@ -323,13 +325,14 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
     for (int sub = 0; sub < SUBS; ++sub) {
       if (sub >= nsub) break;
       for (int i = 0; i < NS; ++i) hsub_s[(sub * NS + i) * THREADS + s.tid] = h[i];
-      if (sub + 1 < nsub) run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
+      if (sub + 1 < nsub)
+        run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
     }
     // pass 2: sub-tiles last to first; redo the 16 steps keeping states, then walk them backwards
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
       const int row = s.row * TP + j0;  // this channel's row in the staged tile
-      for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];  // h is free again
+      for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];
       run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
       float pdu[SUB], pdd[SUB], vb[NS][4];
@@ -389,7 +392,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         dbias += ddt;
       }
       __syncthreads();
-      // add the 8 warps' dB, dC of these 16 steps and push them to global memory, 4 steps per atomic
+      // add the 8 warps' dB, dC of these 16 steps and push them to global memory, 4 steps an atomic
       for (int i = s.tid; i < 32 * NS * (SUB / 4); i += THREADS) {
         const int col = i % (32 * NS);
         const int k4 = i / (32 * NS) * 4;
@@ -474,7 +477,8 @@ static void check(const at::Tensor& x, const char* name, const at::Device& dev,
               ", got ", x.scalar_type(), " ", shape_str(x.sizes()));
   TORCH_CHECK(x.device() == dev, "selective_scan: ", name, " must be on ", dev, " like u, got ",
               x.device());
-  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name, " must be contiguous (call .contiguous())");
+  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name,
+              " must be contiguous (call .contiguous())");
 }
 
 using Opt = std::optional<at::Tensor>;
@@ -488,7 +492,8 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "selective_scan: u must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(u.dim() == 3 && u.numel() > 0, "selective_scan: u must be a non-empty (b, d, l), got ",
+  TORCH_CHECK(u.dim() == 3 && u.numel() > 0,
+              "selective_scan: u must be a non-empty (b, d, l), got ",
               shape_str(u.sizes()));
   const int64_t b = u.size(0);
   const int64_t d = u.size(1);
@@ -512,7 +517,8 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
   return Params{.batch = int(b), .dim = int(d), .len = int(l), .dstate = int(n), .groups = int(g),
                 .dgroup = int(d / g), .ntiles = ntiles, .lpad = ntiles * TILE,
                 .softplus = delta_softplus, .u = u.data_ptr(), .delta = delta.data_ptr(),
-                .z = z ? z->data_ptr() : nullptr, .A = A.data_ptr<float>(), .B = B.data_ptr<float>(),
+                .z = z ? z->data_ptr() : nullptr, .A = A.data_ptr<float>(),
+                .B = B.data_ptr<float>(),
                 .C = C.data_ptr<float>(), .D = D ? D->data_ptr<float>() : nullptr,
                 .bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr};
 }
