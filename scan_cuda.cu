@@ -9,6 +9,7 @@
  *     y_t    = sum_n C_t[n] h_t[n] + D u_t
  *     out_t  = y_t silu(z_t)                                     (gate optional)
  * A is (d, n); B and C are (b, g, n, l), channel d reads group d / (d / g).
+ * u, delta, z, out may be float32, bfloat16 or float16; they are converted on load and store.
  *
  * Its gradients, with x_t = dLoss/dh_t running backwards in time:
  *     dy_t = dout_t silu(z_t),            dz_t = dout_t y_t silu'(z_t)
@@ -24,8 +25,9 @@
  *     walks the whole sequence step by step. There is no parallel scan over l: b * d * 16
  *     threads already fill the GPU at the shapes we train with.
  *   - time goes in tiles of 64 steps: the block stages u, dt, B and C of a tile in shared
- *     memory with coalesced loads along l (issued one tile ahead, into registers, so that
- *     they overlap the work); B and C are loaded once for all 16 channels.
+ *     memory with coalesced loads along l (issued one tile ahead, into registers in the input
+ *     dtype, converted only when stored, so that the loads overlap the work); B and C are
+ *     loaded once for all 16 channels.
  *   - y_t = sum_n C_t h_t is a sum across the 16 threads of a channel. Each thread keeps its
  *     part of 16 steps, then a butterfly reduce-scatter (15 shuffles) leaves the whole y of
  *     step `lane` at thread `lane`: about one shuffle per step instead of four.
@@ -43,14 +45,10 @@
  */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 constexpr int CH = 16;              // channels per block
 constexpr int LANES = 16;           // threads per channel
@@ -59,7 +57,7 @@ constexpr int WARPS = THREADS / 32;
 constexpr int SUB = LANES;          // steps per reduce-scatter (one per lane)
 constexpr int SUBS = 4;             // sub-tiles per tile
 constexpr int TILE = SUB * SUBS;    // steps per shared-memory tile and per checkpoint
-constexpr int TP = TILE + 4;        // row stride: rows stay 16-byte aligned, reads across rows skew banks
+constexpr int TP = TILE + 4;        // row stride: aligned rows, reads across rows skew banks
 constexpr int RP = SUB + 4;         // row stride of the dB/dC reduction buffer, same reason
 constexpr int MAX_N = 4 * LANES;    // largest state size
 constexpr float LOG2E = 1.4426950408889634f;
@@ -73,23 +71,21 @@ struct Params {
   float *ckpt, *dA, *dB, *dC, *dD, *dbias;         // float32
 };
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-
 __device__ __forceinline__ float exp2_approx(float x) {  // 2^x in one instruction; 0 for x << 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }  // torch's threshold
+__device__ __forceinline__ float softplus(float x) {  // torch's threshold of 20
+  return x > 20.f ? x : log1pf(__expf(x));
+}
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
-__device__ __forceinline__ float comp(const float4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float comp(const float4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ float4 ld4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
 
 // v[k] holds this thread's part of step k; leaves in v[0] the sum over the channel's 16 threads
 // for step `lane`. Each round (O = 8, 4, 2, 1) halves the steps a thread is responsible for:
@@ -97,9 +93,9 @@ __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast
 template <int O>
 __device__ __forceinline__ void reduce_scatter_round(float (&v)[SUB], int lane) {
   const bool hi = lane & O;
-#pragma unroll
   for (int i = 0; i < O; ++i) {
-    const float send = hi ? v[i] : v[i + O], keep = hi ? v[i + O] : v[i];
+    const float send = hi ? v[i] : v[i + O];
+    const float keep = hi ? v[i + O] : v[i];
     v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
   if constexpr (O > 1) reduce_scatter_round<O / 2>(v, lane);
@@ -109,7 +105,6 @@ __device__ __forceinline__ float reduce_scatter(float (&v)[SUB], int lane) {
   return v[0];
 }
 __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 threads of a channel
-#pragma unroll
   for (int o = LANES / 2; o >= 1; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
@@ -118,39 +113,54 @@ __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 thre
 struct Slot {
   int tid, row, lane, bi, gi, c;
   bool valid;  // channel exists (d / g need not be a multiple of 16)
-  __device__ Slot(const Params& p) {
-    tid = threadIdx.x, row = tid / LANES, lane = tid % LANES, bi = blockIdx.z, gi = blockIdx.y;
+  __device__ Slot(const Params& p) : tid(threadIdx.x), bi(blockIdx.z), gi(blockIdx.y) {
+    row = tid / LANES;
+    lane = tid % LANES;
     const int cg = blockIdx.x * CH + row;
     valid = cg < p.dgroup;
     c = gi * p.dgroup + (valid ? cg : 0);
   }
-  __device__ size_t seq(const Params& p) const { return (size_t(bi) * p.dim + c) * p.len; }  // start of (b, d, :)
-  __device__ size_t state(const Params& p) const { return (size_t(bi) * p.dim + c) * p.dstate; }
+  __device__ size_t chan(const Params& p) const { return size_t(bi) * p.dim + c; }  // b * dim + d
+  __device__ size_t seq(const Params& p) const { return chan(p) * p.len; }  // start of (b, d, :)
+  __device__ bool has(const Params& p, int i) const { return valid && lane + LANES * i < p.dstate; }
+  // this thread's states i of the backward's starting point for `tile`: the forward's
+  // checkpoint after the tile before, 0 for the first tile
+  template <int NS> __device__ void tile_start(const Params& p, int tile, float (&h)[NS]) const {
+    for (int i = 0; i < NS; ++i) {
+      const size_t at = (chan(p) * p.ntiles + tile - 1) * p.dstate + lane + LANES * i;
+      h[i] = tile > 0 && has(p, i) ? p.ckpt[at] : 0.f;
+    }
+  }
 };
 
 // This thread's share of one 64-step tile, read from global memory into registers. Each kernel
-// reads the next tile while it works on the current one, so the loads' latency stays hidden.
+// reads the next tile while it works on the current one. The values stay in the input dtype
+// until store(): converting them at once would make the thread wait for the load right there.
 template <typename T, int NS, bool BWD>
 struct TileLoad {
-  static constexpr int PER = TILE / LANES, PER_BC = NS * LANES * TILE / THREADS;  // 4 and 4 NS values
-  float u[PER], delta[PER], z[PER], dout[PER], B[PER_BC], C[PER_BC], bias;
+  static constexpr int PER = TILE / LANES;                  // 4 steps of each channel
+  static constexpr int PER_BC = NS * LANES * TILE / THREADS;  // 4 NS values of B and of C
+  T u[PER], delta[PER], z[PER], dout[PER];
+  float B[PER_BC], C[PER_BC], bias;
 
   __device__ void load(const Params& p, const Slot& s, int t0) {
     const size_t base = s.seq(p);
     bias = p.bias ? p.bias[s.c] : 0.f;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {  // u, delta, z (and dout) of the thread's channel, step lane + 16 i
+    for (int i = 0; i < PER; ++i) {  // u, delta, z (and dout) of the channel, step lane + 16 i
       const int t = t0 + s.lane + LANES * i;
       const bool ok = s.valid && t < p.len;
-      u[i] = ok ? to_f(static_cast<const T*>(p.u)[base + t]) : 0.f;
-      delta[i] = ok ? to_f(static_cast<const T*>(p.delta)[base + t]) : 0.f;
-      z[i] = ok && p.z ? to_f(static_cast<const T*>(p.z)[base + t]) : 0.f;
-      if (BWD) dout[i] = ok ? to_f(static_cast<const T*>(p.dout)[base + t]) : 0.f;
+      u[i] = ok ? static_cast<const T*>(p.u)[base + t] : T(0.f);
+      delta[i] = ok ? static_cast<const T*>(p.delta)[base + t] : T(0.f);
+      z[i] = ok && p.z ? static_cast<const T*>(p.z)[base + t] : T(0.f);
+      if (BWD) dout[i] = ok ? static_cast<const T*>(p.dout)[base + t] : T(0.f);
     }
     const size_t bc = (size_t(s.bi) * p.groups + s.gi) * p.dstate * p.len;
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {  // B, C of the block's group: state e / 64, step e % 64
-      const int e = s.tid + THREADS * i, n = e / TILE, t = t0 + e % TILE;
+      const int e = s.tid + THREADS * i;
+      const int n = e / TILE;
+      const int t = t0 + e % TILE;
       const bool ok = n < p.dstate && t < p.len;
       B[i] = ok ? p.B[bc + size_t(n) * p.len + t] : 0.f;
       C[i] = ok ? p.C[bc + size_t(n) * p.len + t] : 0.f;
@@ -160,20 +170,23 @@ struct TileLoad {
   // Into shared memory: u, dt (bias and softplus applied), B, C, and per step either the gate
   // silu(z) (forward: g1) or dout silu(z) and dout silu'(z) (backward: g1, g2). Steps past the
   // end get zeros, which makes them a no-op: exp(0 A) = 1 and 0 B u = 0.
-  __device__ void store(const Params& p, const Slot& s, int t0, float* u_s, float* dt_s, float* g1_s, float* g2_s,
-                        float* B_s, float* C_s) const {
+  __device__ void store(const Params& p, const Slot& s, int t0, float* u_s, float* dt_s,
+                        float* g1_s, float* g2_s, float* B_s, float* C_s) const {
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-      const int j = s.lane + LANES * i, at = s.row * TP + j;
+      const int j = s.lane + LANES * i;
+      const int at = s.row * TP + j;
       const bool ok = s.valid && t0 + j < p.len;
-      float dt = delta[i] + bias;
+      const float zf = float(z[i]);
+      const float dof = BWD ? float(dout[i]) : 0.f;
+      const float sz = sigmoid(zf);
+      float dt = float(delta[i]) + bias;
       if (p.softplus) dt = softplus(dt);
-      const float sz = sigmoid(z[i]);
-      u_s[at] = u[i];
+      u_s[at] = float(u[i]);
       dt_s[at] = ok ? dt : 0.f;
-      if (!BWD) g1_s[at] = p.z ? z[i] * sz : 1.f;
-      if (BWD) g1_s[at] = p.z ? dout[i] * z[i] * sz : dout[i];
-      if (BWD) g2_s[at] = p.z ? dout[i] * sz * (1.f + z[i] * (1.f - sz)) : 0.f;
+      if (!BWD) g1_s[at] = p.z ? zf * sz : 1.f;
+      if (BWD) g1_s[at] = p.z ? dof * zf * sz : dof;
+      if (BWD) g2_s[at] = p.z ? dof * sz * (1.f + zf * (1.f - sz)) : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {
@@ -188,35 +201,42 @@ struct TileLoad {
 // state in hs (hs[s][k] = state before step k) and the decays exp(dt A) in as, and the thread's
 // part of y_t = sum_n C h in yk.
 template <int NS, bool KEEP>
-__device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS], const float* u_s, const float* dt_s,
-                                          const float* B_s, const float* C_s, int row, int lane, int j0,
-                                          float (&hs)[NS][SUB + 1], float (&as)[NS][SUB], float (&yk)[SUB]) {
+__device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS], const float* u_s,
+                                          const float* dt_s, const float* B_s, const float* C_s,
+                                          const Slot& s, int j0, float (&hs)[NS][SUB + 1],
+                                          float (&as)[NS][SUB], float (&yk)[SUB]) {
 #pragma unroll
   for (int k4 = 0; k4 < SUB; k4 += 4) {
-    const float4 dt4 = ld4(dt_s + row * TP + j0 + k4), u4 = ld4(u_s + row * TP + j0 + k4);
+    const float4 dt4 = ld4(dt_s + s.row * TP + j0 + k4);
+    const float4 u4 = ld4(u_s + s.row * TP + j0 + k4);
     float4 B4[NS], C4[NS];
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      B4[s] = ld4(B_s + (lane + LANES * s) * TP + j0 + k4);
-      if (KEEP) C4[s] = ld4(C_s + (lane + LANES * s) * TP + j0 + k4);
+    for (int i = 0; i < NS; ++i) {
+      B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
+      if (KEEP) C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const float dt = comp(dt4, q), du = dt * comp(u4, q);
+      const float dt = comp(dt4, q);
+      const float du = dt * comp(u4, q);
       float y = 0.f;
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        const float a = exp2_approx(dt * A2[s]);  // exp(dt A), A2 = A log2(e)
-        if (KEEP) hs[s][k4 + q] = h[s], as[s][k4 + q] = a;
-        h[s] = a * h[s] + du * comp(B4[s], q);
-        if (KEEP) y += comp(C4[s], q) * h[s];
+      for (int i = 0; i < NS; ++i) {
+        const float a = exp2_approx(dt * A2[i]);  // exp(dt A), A2 = A log2(e)
+        if (KEEP) hs[i][k4 + q] = h[i];
+        if (KEEP) as[i][k4 + q] = a;
+        h[i] = a * h[i] + du * comp(B4[i], q);
+        if (KEEP) y += comp(C4[i], q) * h[i];
       }
       if (KEEP) yk[k4 + q] = y;
     }
   }
   if (KEEP)
-#pragma unroll
-    for (int s = 0; s < NS; ++s) hs[s][SUB] = h[s];
+    for (int i = 0; i < NS; ++i) hs[i][SUB] = h[i];
+}
+
+// A log2(e) of this thread's states, 0 where there is no state
+template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float (&A2)[NS]) {
+  for (int i = 0; i < NS; ++i)
+    A2[i] = s.has(p, i) ? p.A[size_t(s.c) * p.dstate + s.lane + LANES * i] * LOG2E : 0.f;
 }
 
 template <typename T, int NS>
@@ -229,12 +249,8 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   float* C_s = B_s + NS * LANES * TP;
   const Slot s(p);
   float A2[NS], h[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
-#pragma unroll
-  for (int i = 0; i < NS; ++i) {
-    const int n = s.lane + LANES * i;
-    A2[i] = s.valid && n < p.dstate ? p.A[size_t(s.c) * p.dstate + n] * LOG2E : 0.f;
-    h[i] = 0.f;
-  }
+  load_A2(p, s, A2);
+  for (int i = 0; i < NS; ++i) h[i] = 0.f;
   const float D = p.D ? p.D[s.c] : 0.f;
   T* out = static_cast<T*>(p.out);
   const size_t base = s.seq(p);
@@ -248,17 +264,18 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (t0 + sub * SUB >= p.len) break;
-      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s.row, s.lane, sub * SUB, hs, as, yk);
+      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);
-      const int j = sub * SUB + s.lane, t = t0 + j;
-      if (s.valid && t < p.len) out[base + t] = from_f<T>((y + D * u_s[s.row * TP + j]) * gate_s[s.row * TP + j]);
+      const int at = s.row * TP + sub * SUB + s.lane;
+      const int t = t0 + sub * SUB + s.lane;
+      if (s.valid && t < p.len) out[base + t] = T((y + D * u_s[at]) * gate_s[at]);
     }
     // checkpoint: every tile's final state for the backward, or only the last one (last_state)
-    if (s.valid && (p.save_all || tile == p.ntiles - 1)) {
-      const size_t ck = ((size_t(s.bi) * p.dim + s.c) * (p.save_all ? p.ntiles : 1) + (p.save_all ? tile : 0)) * p.dstate;
-#pragma unroll
+    if (p.save_all || tile == p.ntiles - 1) {
+      const int slot = p.save_all ? tile : 0;
+      const size_t ck = (s.chan(p) * (p.save_all ? p.ntiles : 1) + slot) * p.dstate;
       for (int i = 0; i < NS; ++i)
-        if (s.lane + LANES * i < p.dstate) p.ckpt[ck + s.lane + LANES * i] = h[i];
+        if (s.has(p, i)) p.ckpt[ck + s.lane + LANES * i] = h[i];
     }
     __syncthreads();
   }
@@ -273,73 +290,71 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   float* fz_s = dy_s + CH * TP;                   // dout silu'(z), so that dz = y fz
   float* B_s = fz_s + CH * TP;                    // (16 NS states, 64 steps) each
   float* C_s = B_s + NS * LANES * TP;
-  float* hsub_s = C_s + NS * LANES * TP;          // state at the start of each sub-tile (SUBS, NS, THREADS)
+  float* hsub_s = C_s + NS * LANES * TP;          // each sub-tile's first state (SUBS, NS, THREADS)
   float* red_s = hsub_s + SUBS * NS * THREADS;    // dB, dC of each warp (WARPS, 32 NS, 16 steps)
   const Slot s(p);
-  const int warp = s.tid / 32, wl = s.tid % 32;
+  const int warp = s.tid / 32;
+  const int wl = s.tid % 32;
   float A2[NS], x_next[NS], dA[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
-#pragma unroll
+  load_A2(p, s, A2);
   for (int i = 0; i < NS; ++i) {
-    const int n = s.lane + LANES * i;
-    const bool ok = s.valid && n < p.dstate;
-    A2[i] = ok ? p.A[size_t(s.c) * p.dstate + n] * LOG2E : 0.f;
-    x_next[i] = ok && p.dlast ? p.dlast[s.state(p) + n] : 0.f;  // exp(dt_{t+1} A) x_{t+1}, carried backwards
+    const size_t at = s.chan(p) * p.dstate + s.lane + LANES * i;
+    x_next[i] = s.has(p, i) && p.dlast ? p.dlast[at] : 0.f;  // exp(dt_{t+1} A) x_{t+1}
     dA[i] = 0.f;
   }
   const float D = p.D ? p.D[s.c] : 0.f;
-  float dD = 0.f, dbias = 0.f;
+  float dD = 0.f;
+  float dbias = 0.f;
   const size_t base = s.seq(p);
-  // the state before a tile: the forward's checkpoint of the tile before, 0 for the first tile
-  auto tile_start = [&](int tile, float (&h)[NS]) {
-#pragma unroll
-    for (int i = 0; i < NS; ++i) {
-      const int n = s.lane + LANES * i;
-      h[i] = tile > 0 && s.valid && n < p.dstate ? p.ckpt[(s.state(p) / p.dstate * p.ntiles + tile - 1) * p.dstate + n] : 0.f;
-    }
-  };
   TileLoad<T, NS, true> next;
   float h[NS], h_next[NS];
   next.load(p, s, (p.ntiles - 1) * TILE);
-  tile_start(p.ntiles - 1, h_next);
+  s.tile_start(p, p.ntiles - 1, h_next);
   for (int tile = p.ntiles - 1; tile >= 0; --tile) {
     const int t0 = tile * TILE;
     next.store(p, s, t0, u_s, dt_s, dy_s, fz_s, B_s, C_s);
-#pragma unroll
     for (int i = 0; i < NS; ++i) h[i] = h_next[i];
     __syncthreads();
-    if (tile > 0) next.load(p, s, t0 - TILE), tile_start(tile - 1, h_next);
+    if (tile > 0) {
+      next.load(p, s, t0 - TILE);
+      s.tile_start(p, tile - 1, h_next);
+    }
     // pass 1: from the checkpoint, find the state at the start of each sub-tile
     const int nsub = min(SUBS, (p.len - t0 + SUB - 1) / SUB);
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (sub >= nsub) break;
-#pragma unroll
       for (int i = 0; i < NS; ++i) hsub_s[(sub * NS + i) * THREADS + s.tid] = h[i];
-      if (sub + 1 < nsub) run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s.row, s.lane, sub * SUB, hs, as, yk);
+      if (sub + 1 < nsub)
+        run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
     }
     // pass 2: sub-tiles last to first; redo the 16 steps keeping states, then walk them backwards
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
-#pragma unroll
-      for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];  // h is free again
-      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s.row, s.lane, j0, hs, as, yk);
+      const int row = s.row * TP + j0;  // this channel's row in the staged tile
+      for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];
+      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
       float pdu[SUB], pdd[SUB], vb[NS][4];
       float4 dt4, u4, dy4, B4[NS], C4[NS];
 #pragma unroll
       for (int k = SUB - 1; k >= 0; --k) {
-        const int q = k % 4, k4 = k - q;
+        const int q = k % 4;
+        const int k4 = k - q;
         if (q == 3) {
-          dt4 = ld4(dt_s + s.row * TP + j0 + k4), u4 = ld4(u_s + s.row * TP + j0 + k4), dy4 = ld4(dy_s + s.row * TP + j0 + k4);
-#pragma unroll
+          dt4 = ld4(dt_s + row + k4);
+          u4 = ld4(u_s + row + k4);
+          dy4 = ld4(dy_s + row + k4);
           for (int i = 0; i < NS; ++i) {
             B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
             C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
           }
         }
-        const float dt = comp(dt4, q), u = comp(u4, q), dy = comp(dy4, q);
-        float sum_xB = 0.f, sum_xAh = 0.f;
-#pragma unroll
+        const float dt = comp(dt4, q);
+        const float u = comp(u4, q);
+        const float dy = comp(dy4, q);
+        float sum_xB = 0.f;
+        float sum_xAh = 0.f;
         for (int i = 0; i < NS; ++i) {
           const float x = x_next[i] + comp(C4[i], q) * dy;  // dLoss/dh_t
           const float xah = x * as[i][k] * hs[i][k];        // x_t exp(dt_t A) h_{t-1}
@@ -347,7 +362,8 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
           sum_xAh += xah * A2[i];
           dA[i] += xah * dt;
           x_next[i] = x * as[i][k];
-          float gB = x * dt * u, gC = dy * hs[i][k + 1];   // this channel's dB_t, dC_t
+          float gB = x * dt * u;                           // this channel's dB_t, dC_t
+          float gC = dy * hs[i][k + 1];
           gB += __shfl_xor_sync(0xffffffffu, gB, 16);      // + the warp's other channel
           gC += __shfl_xor_sync(0xffffffffu, gC, 16);
           vb[i][q] = wl < 16 ? gB : gC;
@@ -355,181 +371,220 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         pdu[k] = sum_xB;
         pdd[k] = sum_xAh;
         if (q == 0)
-#pragma unroll
-          for (int i = 0; i < NS; ++i)
-            *reinterpret_cast<float4*>(red_s + ((warp * 32 * NS + 32 * i + wl) * RP + k4)) = make_float4(vb[i][0], vb[i][1], vb[i][2], vb[i][3]);
+          for (int i = 0; i < NS; ++i) {
+            float* dst = red_s + (warp * 32 * NS + 32 * i + wl) * RP + k4;
+            *reinterpret_cast<float4*>(dst) = make_float4(vb[i][0], vb[i][1], vb[i][2], vb[i][3]);
+          }
       }
-      const float sxB = reduce_scatter(pdu, s.lane), sxAh = reduce_scatter(pdd, s.lane) / LOG2E;
-      const int j = j0 + s.lane, t = t0 + j;
+      const float sxB = reduce_scatter(pdu, s.lane);
+      const float sxAh = reduce_scatter(pdd, s.lane) / LOG2E;
+      const int t = t0 + j0 + s.lane;
       if (s.valid && t < p.len) {
-        const float dt = dt_s[s.row * TP + j], u = u_s[s.row * TP + j], dy = dy_s[s.row * TP + j];
+        const float dt = dt_s[row + s.lane];
+        const float u = u_s[row + s.lane];
+        const float dy = dy_s[row + s.lane];
         float ddt = u * sxB + sxAh;
         if (p.softplus) ddt *= -expm1f(-dt);  // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
-        static_cast<T*>(p.du)[base + t] = from_f<T>(dt * sxB + D * dy);
-        static_cast<T*>(p.ddelta)[base + t] = from_f<T>(ddt);
-        if (p.z) static_cast<T*>(p.dz)[base + t] = from_f<T>((y + D * u) * fz_s[s.row * TP + j]);
+        static_cast<T*>(p.du)[base + t] = T(dt * sxB + D * dy);
+        static_cast<T*>(p.ddelta)[base + t] = T(ddt);
+        if (p.z) static_cast<T*>(p.dz)[base + t] = T((y + D * u) * fz_s[row + s.lane]);
         dD += dy * u;
         dbias += ddt;
       }
       __syncthreads();
-      // add the 8 warps' dB, dC of these 16 steps and push them to global memory, 4 steps per atomic
+      // add the 8 warps' dB, dC of these 16 steps and push them to global memory, 4 steps an atomic
       for (int i = s.tid; i < 32 * NS * (SUB / 4); i += THREADS) {
-        const int col = i % (32 * NS), k4 = i / (32 * NS) * 4, n = col % 16 + 16 * (col / 32);
+        const int col = i % (32 * NS);
+        const int k4 = i / (32 * NS) * 4;
+        const int n = col % 16 + 16 * (col / 32);
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int w = 0; w < WARPS; ++w) {
           const float4 v = ld4(red_s + (w * 32 * NS + col) * RP + k4);
-          acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+          acc.x += v.x;
+          acc.y += v.y;
+          acc.z += v.z;
+          acc.w += v.w;
         }
-        if (n < p.dstate) {
-          float* dst = (col % 32 < 16 ? p.dB : p.dC) + ((size_t(s.bi) * p.groups + s.gi) * p.dstate + n) * p.lpad + t0 + j0 + k4;
+        if (n >= p.dstate) continue;
+        const size_t row_bc = (size_t(s.bi) * p.groups + s.gi) * p.dstate + n;
+        float* dst = (col % 32 < 16 ? p.dB : p.dC) + row_bc * p.lpad + t0 + j0 + k4;
 #if __CUDA_ARCH__ >= 900
-          atomicAdd(reinterpret_cast<float4*>(dst), acc);
+        atomicAdd(reinterpret_cast<float4*>(dst), acc);
 #else
-          atomicAdd(dst, acc.x), atomicAdd(dst + 1, acc.y), atomicAdd(dst + 2, acc.z), atomicAdd(dst + 3, acc.w);
+        atomicAdd(dst, acc.x);
+        atomicAdd(dst + 1, acc.y);
+        atomicAdd(dst + 2, acc.z);
+        atomicAdd(dst + 3, acc.w);
 #endif
-        }
       }
       __syncthreads();
     }
   }
-#pragma unroll
   for (int i = 0; i < NS; ++i)
-    if (s.valid && s.lane + LANES * i < p.dstate) atomicAdd(p.dA + size_t(s.c) * p.dstate + s.lane + LANES * i, dA[i]);
-  dD = channel_sum(dD), dbias = channel_sum(dbias);
-  if (s.valid && s.lane == 0) atomicAdd(p.dD + s.c, dD), atomicAdd(p.dbias + s.c, dbias);
+    if (s.has(p, i)) atomicAdd(p.dA + size_t(s.c) * p.dstate + s.lane + LANES * i, dA[i]);
+  dD = channel_sum(dD);
+  dbias = channel_sum(dbias);
+  if (s.valid && s.lane == 0) {
+    atomicAdd(p.dD + s.c, dD);
+    atomicAdd(p.dbias + s.c, dbias);
+  }
 }
 
 // ---------------------------------------------------------------- host side
 
-static int states_per_lane(int n) { return n <= LANES ? 1 : n <= 2 * LANES ? 2 : 4; }
 static size_t fwd_smem(int ns) { return size_t(3 * CH + 2 * ns * LANES) * TP * sizeof(float); }
 static size_t bwd_smem(int ns) {
-  return (size_t(4 * CH + 2 * ns * LANES) * TP + SUBS * ns * THREADS + WARPS * 32 * ns * RP) * sizeof(float);
+  const size_t floats = (4 * CH + 2 * ns * LANES) * TP + SUBS * ns * THREADS + WARPS * 32 * ns * RP;
+  return floats * sizeof(float);
 }
 
-template <typename T, int NS>
-static void launch(const Params& p, bool backward, cudaStream_t stream) {
+template <typename T, int NS = 1>
+static void launch(const Params& p, bool backward) {
+  if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
+    if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
   const dim3 grid((p.dgroup + CH - 1) / CH, p.groups, p.batch);
   auto kernel = backward ? scan_bwd_kernel<T, NS> : scan_fwd_kernel<T, NS>;
-  const size_t smem = backward ? bwd_smem(NS) : fwd_smem(NS);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", std::to_string(smem), " bytes of shared memory not available: ", cudaGetErrorString(err));
-  kernel<<<grid, THREADS, smem, stream>>>(p);
+  const int smem = int(backward ? bwd_smem(NS) : fwd_smem(NS));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", std::to_string(smem),
+              " bytes of shared memory not available: ", cudaGetErrorString(err));
+  kernel<<<grid, THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "scan_cuda: kernel launch failed: ", cudaGetErrorString(err));
 }
 
-template <typename T>
-static void dispatch_ns(const Params& p, bool backward, cudaStream_t stream) {
-  switch (states_per_lane(p.dstate)) {
-    case 1: return launch<T, 1>(p, backward, stream);
-    case 2: return launch<T, 2>(p, backward, stream);
-    default: return launch<T, 4>(p, backward, stream);
-  }
-}
-
 static void run(const Params& p, at::ScalarType dtype, bool backward) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (dtype == at::kFloat) dispatch_ns<float>(p, backward, stream);
-  else if (dtype == at::kBFloat16) dispatch_ns<__nv_bfloat16>(p, backward, stream);
-  else dispatch_ns<__half>(p, backward, stream);
+  if (dtype == at::kFloat) launch<float>(p, backward);
+  else if (dtype == at::kBFloat16) launch<c10::BFloat16>(p, backward);
+  else launch<c10::Half>(p, backward);
 }
 
 // Error messages are built from strings only: with the GPU machine's toolchain, streaming an
 // integer into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
 static std::string shape_str(at::IntArrayRef shape) {  // "(2, 16, *)", * for any size
   std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + (shape[i] < 0 ? "*" : std::to_string(shape[i]));
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + (shape[i] < 0 ? "*" : std::to_string(shape[i]));
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
 // x must be a contiguous `dtype` tensor of this shape (-1: any size) on u's device.
-static void check(const at::Tensor& x, const char* name, const at::Device& dev, at::ScalarType dtype,
-                  std::vector<int64_t> shape) {
+static void check(const at::Tensor& x, const char* name, const at::Device& dev,
+                  at::ScalarType dtype, std::vector<int64_t> shape) {
   bool ok = x.dim() == int64_t(shape.size()) && x.scalar_type() == dtype;
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || x.size(i) == shape[i];
-  TORCH_CHECK(ok, "selective_scan: ", name, " must be ", dtype, " of shape ", shape_str(shape), ", got ",
-              x.scalar_type(), " ", shape_str(x.sizes()));
-  TORCH_CHECK(x.device() == dev, "selective_scan: ", name, " must be on ", dev, " like u, got ", x.device());
-  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name, " must be contiguous (call .contiguous())");
+  TORCH_CHECK(ok, "selective_scan: ", name, " must be ", dtype, " of shape ", shape_str(shape),
+              ", got ", x.scalar_type(), " ", shape_str(x.sizes()));
+  TORCH_CHECK(x.device() == dev, "selective_scan: ", name, " must be on ", dev, " like u, got ",
+              x.device());
+  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name,
+              " must be contiguous (call .contiguous())");
 }
 
+using Opt = std::optional<at::Tensor>;
+static std::string str(int64_t v) { return std::to_string(v); }
+
 // Checks every input and fills the fields both directions share.
-static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                          const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                          const std::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                          const at::Tensor& B, const at::Tensor& C, const Opt& D, const Opt& z,
+                          const Opt& delta_bias, bool delta_softplus) {
   TORCH_CHECK(u.is_cuda(), "selective_scan: u must be a CUDA tensor, got ", u.device());
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "selective_scan: u must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(u.dim() == 3 && u.numel() > 0, "selective_scan: u must be a non-empty (b, d, l), got ", shape_str(u.sizes()));
-  const int64_t b = u.size(0), d = u.size(1), l = u.size(2), n = A.dim() == 2 ? A.size(1) : 0;
+  TORCH_CHECK(u.dim() == 3 && u.numel() > 0,
+              "selective_scan: u must be a non-empty (b, d, l), got ",
+              shape_str(u.sizes()));
+  const int64_t b = u.size(0);
+  const int64_t d = u.size(1);
+  const int64_t l = u.size(2);
+  const int64_t n = A.dim() == 2 ? A.size(1) : 0;
   const int64_t g = B.dim() == 4 ? B.size(1) : 0;
-  TORCH_CHECK(b <= 65535, "selective_scan: batch ", std::to_string(b), " > 65535 is not supported");
+  TORCH_CHECK(b <= 65535, "selective_scan: batch ", str(b), " > 65535 is not supported");
   check(u, "u", u.device(), dtype, {b, d, l});
   check(delta, "delta", u.device(), dtype, {b, d, l});
   if (z) check(*z, "z", u.device(), dtype, {b, d, l});
   check(A, "A", u.device(), at::kFloat, {d, -1});
-  TORCH_CHECK(n >= 1 && n <= MAX_N, "selective_scan: state size n = ", std::to_string(n), " not supported (1 to 64)");
+  TORCH_CHECK(n >= 1 && n <= MAX_N, "selective_scan: state size n = ", str(n),
+              " not supported (1 to 64)");
   check(B, "B", u.device(), at::kFloat, {b, -1, n, l});
   check(C, "C", u.device(), at::kFloat, {b, g, n, l});
-  TORCH_CHECK(g >= 1 && d % g == 0 && g <= 65535, "selective_scan: d = ", std::to_string(d),
-              " is not a multiple of the number of groups ", std::to_string(g));
+  TORCH_CHECK(g >= 1 && d % g == 0 && g <= 65535, "selective_scan: d = ", str(d),
+              " is not a multiple of the number of groups ", str(g));
   if (D) check(*D, "D", u.device(), at::kFloat, {d});
   if (delta_bias) check(*delta_bias, "delta_bias", u.device(), at::kFloat, {d});
-  Params p{};
-  p.batch = int(b), p.dim = int(d), p.len = int(l), p.dstate = int(n), p.groups = int(g), p.dgroup = int(d / g);
-  p.ntiles = int((l + TILE - 1) / TILE), p.lpad = p.ntiles * TILE;
-  p.softplus = delta_softplus;
-  p.u = u.data_ptr(), p.delta = delta.data_ptr(), p.z = z ? z->data_ptr() : nullptr;
-  p.A = A.data_ptr<float>(), p.B = B.data_ptr<float>(), p.C = C.data_ptr<float>();
-  p.D = D ? D->data_ptr<float>() : nullptr, p.bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr;
-  return p;
+  const int ntiles = int((l + TILE - 1) / TILE);
+  return Params{.batch = int(b), .dim = int(d), .len = int(l), .dstate = int(n), .groups = int(g),
+                .dgroup = int(d / g), .ntiles = ntiles, .lpad = ntiles * TILE,
+                .softplus = delta_softplus, .u = u.data_ptr(), .delta = delta.data_ptr(),
+                .z = z ? z->data_ptr() : nullptr, .A = A.data_ptr<float>(),
+                .B = B.data_ptr<float>(),
+                .C = C.data_ptr<float>(), .D = D ? D->data_ptr<float>() : nullptr,
+                .bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr};
 }
 
 // Returns (out, ckpt): ckpt is the state after each 64-step tile, (b, d, ceil(l / 64), n) float32,
 // when save_all (for the backward), else only the last state (b, d, 1, n).
-std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                            const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool save_all) {
+std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const Opt& D, const Opt& z,
+                            const Opt& delta_bias, bool delta_softplus, bool save_all) {
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   const c10::cuda::CUDAGuard guard(u.device());
-  at::Tensor out = at::empty_like(u);
-  at::Tensor ckpt = at::empty({u.size(0), u.size(1), save_all ? p.ntiles : 1, A.size(1)}, u.options().dtype(at::kFloat));
-  p.save_all = save_all, p.out = out.data_ptr(), p.ckpt = ckpt.data_ptr<float>();
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor out = at::empty(u.sizes(), u.options());
+  at::Tensor ckpt = at::empty({u.size(0), u.size(1), save_all ? p.ntiles : 1, A.size(1)}, f32);
+  p.save_all = save_all;
+  p.out = out.data_ptr();
+  p.ckpt = ckpt.data_ptr<float>();
   run(p, u.scalar_type(), false);
   return {out, ckpt};
 }
 
 // Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias). dB and dC are float32 (b, g, n, l
 // rounded up to 64): slice [..., :l]. dz is empty without z; dD and ddelta_bias always come.
-std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                            const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus, const at::Tensor& dout,
-                            const at::Tensor& ckpt, const std::optional<at::Tensor>& dlast) {
+std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const Opt& D, const Opt& z,
+                            const Opt& delta_bias, bool delta_softplus, const at::Tensor& dout,
+                            const at::Tensor& ckpt, const Opt& dlast) {
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-  const int64_t b = u.size(0), d = u.size(1), n = A.size(1);
+  const int64_t b = u.size(0);
+  const int64_t d = u.size(1);
+  const int64_t n = A.size(1);
   check(dout, "dout", u.device(), u.scalar_type(), {b, d, u.size(2)});
-  check(ckpt, "ckpt (the checkpoints of fwd(save_all=True))", u.device(), at::kFloat, {b, d, p.ntiles, n});
+  check(ckpt, "ckpt (the checkpoints of fwd(save_all=True))", u.device(), at::kFloat,
+        {b, d, p.ntiles, n});
   if (dlast) check(*dlast, "the gradient of last_state", u.device(), at::kFloat, {b, d, n});
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(u), dz = at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options());
-  at::Tensor dA = at::zeros_like(A), dD = at::zeros({u.size(1)}, f32), dbias = at::zeros({u.size(1)}, f32);
-  at::Tensor dB = at::zeros({B.size(0), B.size(1), B.size(2), p.lpad}, f32), dC = at::zeros_like(dB);
-  p.dout = dout.data_ptr(), p.ckpt = ckpt.data_ptr<float>(), p.dlast = dlast ? dlast->data_ptr<float>() : nullptr;
-  p.du = du.data_ptr(), p.ddelta = ddelta.data_ptr(), p.dz = z ? dz.data_ptr() : nullptr;
-  p.dA = dA.data_ptr<float>(), p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
-  p.dD = dD.data_ptr<float>(), p.dbias = dbias.data_ptr<float>();
+  at::Tensor du = at::empty(u.sizes(), u.options());
+  at::Tensor ddelta = at::empty(u.sizes(), u.options());
+  at::Tensor dz = at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options());
+  at::Tensor dA = at::zeros(A.sizes(), f32);
+  at::Tensor dD = at::zeros({d}, f32);
+  at::Tensor dbias = at::zeros({d}, f32);
+  at::Tensor dB = at::zeros({B.size(0), B.size(1), n, p.lpad}, f32);
+  at::Tensor dC = at::zeros({B.size(0), B.size(1), n, p.lpad}, f32);
+  p.dout = dout.data_ptr();
+  p.ckpt = ckpt.data_ptr<float>();
+  p.dlast = dlast ? dlast->data_ptr<float>() : nullptr;
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dz = z ? dz.data_ptr() : nullptr;
+  p.dA = dA.data_ptr<float>();
+  p.dB = dB.data_ptr<float>();
+  p.dC = dC.data_ptr<float>();
+  p.dD = dD.data_ptr<float>();
+  p.dbias = dbias.data_ptr<float>();
   run(p, u.scalar_type(), true);
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selective scan (Mamba S6) forward and backward kernels for star.py";
-  m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
-        py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("save_all"));
-  m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
-        py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("dout"), py::arg("ckpt"),
-        py::arg("dlast"));
+  m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"),
+        py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
+        py::arg("delta_softplus"), py::arg("save_all"));
+  m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"),
+        py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
+        py::arg("delta_softplus"), py::arg("dout"), py::arg("ckpt"), py::arg("dlast"));
 }

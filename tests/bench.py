@@ -1,9 +1,10 @@
 """
-Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes tiny,B,long] [--dtypes f32,bf16]
+Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes tiny,B,long] [--dtypes f32,bf16,f16]
+[--impls cuda,official,torch,ref] [--official DIR] (DIR: a copy of state-spaces/mamba csrc/selective_scan, built here)
 or on the CPU: python tests/bench.py --cpu (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
 or whole pretraining steps against K: python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
 Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak memory above the
-inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and (if installed) mamba_ssm's kernel.
+inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and the official kernel (--official).
 Inputs as in a Mamba layer: softplus with delta_bias, D, z, B and C (b, n, l).
 """
 import argparse
@@ -20,7 +21,7 @@ import star  # noqa: E402
 from star import _cuda_kernel, selective_scan_cuda  # noqa: E402
 
 SHAPES = {"tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580), "long": (4, 768, 16, 8192)}  # (b, d, n, l)
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def make_inputs(b, d, n, l, dtype):
@@ -30,6 +31,49 @@ def make_inputs(b, d, n, l, dtype):
                 A=-torch.rand(d, n, device=dev) * n, B=torch.randn(b, n, l, device=dev, dtype=dtype),
                 C=torch.randn(b, n, l, device=dev, dtype=dtype), D=torch.randn(d, device=dev),
                 z=torch.randn(b, d, l, device=dev, dtype=dtype), delta_bias=torch.rand(d, device=dev))
+
+
+def load_official(folder):
+    """JIT-build state-spaces/mamba's csrc/selective_scan (a copy in folder, never committed) for this GPU"""
+    from torch.utils import cpp_extension
+    cc = "%d%d" % torch.cuda.get_device_capability()
+    sources = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".cu", ".cpp")))
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+             f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+    flags += [f"-U__CUDA_NO_{t}__" for t in ("HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_OPERATORS",
+                                               "BFLOAT16_CONVERSIONS", "BFLOAT162_OPERATORS", "BFLOAT162_CONVERSIONS")]
+    return cpp_extension.load(name="official_selective_scan", sources=sources, extra_include_paths=[folder],
+                              extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=flags)
+
+
+class _OfficialScan(torch.autograd.Function):
+    """the official kernel's fwd/bwd called as mamba_ssm's SelectiveScanFn calls them (no last state)"""
+    ext = None
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        B4 = B.unsqueeze(1) if B.dim() == 3 else B  # (b, 1, n, l)
+        C4 = C.unsqueeze(1) if C.dim() == 3 else C
+        out, x, *rest = _OfficialScan.ext.fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus)
+        ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, x, out)
+        ctx.delta_softplus = delta_softplus
+        ctx.squeeze = B.dim() == 3
+        return rest[0] if z is not None else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _OfficialScan.ext.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out if z is not None else None, None,
+            ctx.delta_softplus, False)
+        if ctx.squeeze:
+            dB = dB.squeeze(1)
+            dC = dC.squeeze(1)
+        return du, ddelta, dA, dB, dC, dD, rest[0] if z is not None else None, ddelta_bias, None
+
+
+def official_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    return _OfficialScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def time_ms(fn, warmup, reps):
@@ -159,7 +203,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--shapes", default="tiny,B,long")
-    parser.add_argument("--dtypes", default="f32,bf16")
+    parser.add_argument("--dtypes", default="f32,bf16,f16")
+    parser.add_argument("--impls", default="cuda,official,torch,ref", help="which scans to time")
+    parser.add_argument("--official", help="folder with state-spaces/mamba's csrc/selective_scan sources")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--cpu", action="store_true", help="time the PyTorch scan and the reference on the CPU")
     parser.add_argument("--model", action="store_true", help="time whole pretraining steps against K")
@@ -179,18 +225,21 @@ def main():
     t = time.time()
     ext, why = _cuda_kernel()
     build_s = time.time() - t
+    wanted = args.impls.split(",")
     impls = {}
-    if ext is not None:
+    if ext is not None and "cuda" in wanted:
         impls["cuda (ours)"] = selective_scan_cuda
-    else:
+    elif ext is None:
         print(f"the CUDA scan is unavailable: {why}")
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        impls["mamba_ssm"] = selective_scan_fn
-    except ImportError:
-        pass
-    impls["torch (star fallback)"] = star.selective_scan_torch
-    impls["ref (sequential)"] = star.selective_scan_ref
+    if args.official and "official" in wanted:
+        t = time.time()
+        _OfficialScan.ext = load_official(args.official)
+        print(f"official kernel build/load: {time.time() - t:.1f} s")
+        impls["official (mamba_ssm)"] = official_scan
+    if "torch" in wanted:
+        impls["torch (star fallback)"] = star.selective_scan_torch
+    if "ref" in wanted:
+        impls["ref (sequential)"] = star.selective_scan_ref
 
     lines = [f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}",
              f"extension build/load: {build_s:.1f} s (a cached build only loads)", "",
