@@ -47,7 +47,8 @@ import torch.nn.functional as F
 log = logging.getLogger("star")
 
 # -----------------------------------------------------------------------------
-# Selective scan: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,  y_t = C_t h_t + D u_t,  out = y * silu(z)
+# Selective scan: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
+#                 y_t = C_t h_t + D u_t,  out = y * silu(z)
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
@@ -140,7 +141,8 @@ def _scan_states(u, delta, A, B):
     b, l, d = u.shape
     g = B.shape[2]
     dA = (delta[..., None] * A).exp_()  # (b, l, d, n)
-    h = (delta * u).view(b, l, g, d // g, 1) * B[:, :, :, None, :]  # (b, l, g, d/g, n): Δ_t B_t u_t
+    # Δ_t B_t u_t, (b, l, g, d/g, n)
+    h = (delta * u).view(b, l, g, d // g, 1) * B[:, :, :, None, :]
     h = h.view(b, l, d, -1)  # (b, l, d, n)
     for t in range(1, l):
         h[:, t].addcmul_(dA[:, t], h[:, t - 1])  # h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t
@@ -151,9 +153,9 @@ class _ScanCore(torch.autograd.Function):
     """y_t = C_t h_t and the last state, with a hand-written backward that recomputes the states.
 
     Autograd through the loop would keep l small tensors per step. This keeps two (b, l, d, n)
-    tensors, exp(ΔA) and h, and walks the backward in time chunks of l/8 steps, so the gradient of h
-    is never whole. Inputs in the math dtype: u, delta (b, d, l) with bias and softplus applied,
-    A (d, n), B, C (b, g, n, l). Returns y (b, d, l) and h_last (b, d, n).
+    tensors, exp(ΔA) and h, and walks the backward in time chunks of l/8 steps, so the gradient
+    of h is never whole. Inputs in the math dtype: u, delta (b, d, l) with bias and softplus
+    applied, A (d, n), B, C (b, g, n, l). Returns y (b, d, l) and h_last (b, d, n).
     """
 
     @staticmethod
