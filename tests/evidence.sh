@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Issue 12's runs, "does the separator help?": the CIFAR-10 table's four rows (scratch, ARM K=1,
+# concatenation K=4, STAR K=4) for several seeds, the AR test loss by image slot of every
+# pretraining, separators at K = 2 and 8, and two scan directions against four (chosen on held-out
+# training images).
+#
+#   bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]   (DIR: CIFAR-10's train_*.npz, test.npz)
+#   python tests/evidence_table.py OUT                 # the tables, with paired intervals
+#
+# A job is one row and seed: pretrain, the slot table (--mode eval), a linear probe, finetune;
+# STAR rows also finetune with two and with four directions on 45,000 training images and test on
+# the 5,000 held out (train.py's split when no --test_data is given). Jobs run WORKERS_PER_GPU at
+# a time on every GPU (a pretraining step at batch 512 leaves an H200 idle half the time), so the
+# wall times in OUT/*.log are not speeds. Env: SEEDS (default "0 1 2"), PRE and FT (epochs,
+# default 12 and 6), EXTRA (more train.py flags, e.g. for a quick check on a CPU).
+set -euo pipefail
+OUT=${1:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
+DIR=${2:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
+WORKERS=${3:-2}
+for f in train_0 train_1 train_2 train_3 train_4 test; do
+    [ -f "$DIR/$f.npz" ] || { echo "evidence.sh: $DIR/$f.npz is missing" >&2; exit 2; }
+done
+PY=$(command -v python || command -v python3)
+TEST=(--data "npz:$DIR/train_*.npz" --test_data "npz:$DIR/test.npz")
+HELD=(--data "npz:$DIR/train_*.npz")  # no test split: train.py holds out 5,000 training images
+COMMON=(--preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --pretrain_epochs "${PRE:-12}"
+        --ft_lr 1e-3 --finetune_epochs "${FT:-6}" --eval_every 6 --labeled 0 --progress false
+        ${EXTRA:-})
+PROBE=(--mode probe --scan_dirs 1 --finetune_epochs 5 --ft_lr 5e-3 --eval_every 5)
+JOBS=()  # NAME SEED STEPS [model flags]
+for s in ${SEEDS:-0 1 2}; do
+    JOBS+=("star $s pre,probe,ft,heldout --images_per_seq 4 --separator cluster"
+           "concat $s pre,probe,ft --images_per_seq 4 --separator none"
+           "arm $s pre,probe,ft --images_per_seq 1 --separator none"
+           "scratch $s ft")
+done
+JOBS+=("star8 0 pre,ft --images_per_seq 8 --separator cluster"
+       "concat8 0 pre --images_per_seq 8 --separator none"
+       "star2 0 pre,ft --images_per_seq 2 --separator cluster")
+mkdir -p "$OUT"
+echo 0 > "$OUT/.next"
+
+next_job() {  # the index of the next job nobody has taken
+    flock "$OUT/.next" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$OUT/.next"
+}
+
+step() {  # step LABEL COMMAND...: run it, then print "LABEL S s" with its wall time
+    local label=$1 t0=$SECONDS
+    shift
+    "$@" || { echo "$label: failed"; return 1; }
+    echo "$label $((SECONDS - t0)) s"
+}
+
+job() {  # job NAME SEED STEPS [model flags...]
+    local name=$1 seed=$2 steps=$3 dir=$OUT/${1}_s$2
+    shift 3
+    local run=("$PY" train.py --seed "$seed" "${COMMON[@]}" "$@")
+    local init=()
+    if [[ $steps == *pre* ]]; then
+        step "$name: pretrain" "${run[@]}" "${TEST[@]}" --mode pretrain --out "$dir" || return 1
+        step "$name: slots" "${run[@]}" "${TEST[@]}" --mode eval --init "$dir/pretrain.pt" \
+            --out "$dir/slots" || return 1
+        init=(--init "$dir/pretrain.pt")
+    fi
+    if [[ $steps == *probe* ]]; then
+        step "$name: probe" "${run[@]}" "${TEST[@]}" "${init[@]}" "${PROBE[@]}" --out "$dir" \
+            || return 1
+    fi
+    if [[ $steps == *ft* ]]; then
+        step "$name: finetune" "${run[@]}" "${TEST[@]}" "${init[@]}" --mode finetune --out "$dir" \
+            || return 1
+    fi
+    if [[ $steps == *heldout* ]]; then
+        for dirs in 4 2; do
+            step "$name: held-out dirs $dirs" "${run[@]}" "${HELD[@]}" "${init[@]}" \
+                --mode finetune --scan_dirs "$dirs" --out "$dir/heldout_dirs$dirs" || return 1
+        done
+    fi
+}
+
+lane() {  # lane GPU: take jobs until none is left
+    local gpu=$1 i
+    while i=$(next_job) && [ "$i" -lt ${#JOBS[@]} ]; do
+        set -- ${JOBS[$i]}
+        CUDA_VISIBLE_DEVICES=$gpu job "$@" > "$OUT/${1}_s$2.log" 2>&1 \
+            || echo "job $1 seed $2 failed: see $OUT/${1}_s$2.log"
+    done
+}
+
+"$PY" -c "import star, torch; torch.cuda.is_available() and star._cuda_kernel()"  # build once
+GPUS=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+for g in $(seq 0 $((GPUS - 1))); do
+    for w in $(seq "$WORKERS"); do
+        lane "$g" &
+    done
+done
+wait
+echo "evidence.sh: all ${#JOBS[@]} jobs ended"
