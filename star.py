@@ -527,12 +527,11 @@ class MambaMixer(nn.Module):
         b, l, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         d = x.shape[-1]
-        if orders is None and self.dirs > 1:
+        if orders is not None:
+            x = x[:, orders[0]]  # (b, dirs, l, d): each direction's token order
+        elif self.dirs > 1:
             raise ValueError(f"this mixer scans {self.dirs} directions: pass their token orders")
-        if orders is None:
-            u = x.transpose(1, 2)  # (b, d, l)
-        else:
-            u = x[:, orders[0]].transpose(2, 3).flatten(1, 2)  # (b, dirs*d, l), reordered
+        u = x.transpose(-1, -2).reshape(b, self.dirs * d, l)  # (b, dirs*d, l)
         k = self.conv_weight.shape[-1]
         u = F.conv1d(u, self.conv_weight.view(-1, 1, k), self.conv_bias.flatten(),
                      padding=k - 1, groups=self.dirs * d)  # (b, dirs*d, l + k - 1)
@@ -860,15 +859,14 @@ class StarPretrain(nn.Module):
     def predicted_images(self, imgs):
         """Teacher-forced predictions as images (b, C, H, W), in each patch's true mean and std.
 
-        The first cluster of the first image is kept as it is when it is no target.
+        Patches that are no target (the first cluster, without a separator) are kept as they are.
         """
         cfg = self.cfg
         pred, true = self.predict(imgs)  # (b/K, Q, p*p*C) each
         mean, std = _patch_stats(true)  # (b/K, Q, 1) each
         patches = patchify(imgs, cfg.patch)[:, self.order]  # (b, N, p*p*C), a copy
-        patches = patches.reshape(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C)
-        patches[:, self.target] = (pred * std + mean).to(patches.dtype)
-        patches = patches.view(imgs.shape[0], cfg.num_patches, cfg.patch_dim)  # (b, N, p*p*C)
+        seqs = patches.view(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C), a view
+        seqs[:, self.target] = (pred * std + mean).to(patches.dtype)
         return unpatchify(patches[:, torch.argsort(self.order)], cfg.patch, cfg.in_chans)
 
 
