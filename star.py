@@ -477,7 +477,6 @@ class StarConfig:
         if self.dec_width % self.dec_heads:
             raise ValueError(f"dec_width must be divisible by dec_heads, got "
                              f"dec_width={self.dec_width}, dec_heads={self.dec_heads}")
-        # sizes that follow from the fields
         self.num_patches = self.grid ** 2  # N, the tokens of one image
         self.patch_dim = self.patch ** 2 * self.in_chans  # pixel values per patch
         self.sep_len = {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator]  # s
@@ -689,8 +688,7 @@ def pack_with_separators(tokens, separator, K):
 
 def unpack_images(seq, K, s):
     """Inverse of pack_with_separators: (b/K, K*(s+N), width) -> (b, N, width), no separators."""
-    bk, length, width = seq.shape
-    return seq.view(bk, K, length // K, width)[:, :, s:].flatten(0, 1)
+    return seq.unflatten(1, (K, -1))[:, :, s:].flatten(0, 1)  # (b, N, width)
 
 
 def next_cluster_targets(cfg):
