@@ -857,13 +857,13 @@ class StarPretrain(nn.Module):
     def predicted_images(self, imgs):
         """Teacher-forced predictions as images (b, C, H, W), in each patch's true mean and std.
 
-        Patches that are no target (the first cluster, without a separator) are kept as they are.
+        The first cluster of the first image is kept as it is when it is no target.
         """
         cfg = self.cfg
         pred, true = self.predict(imgs)  # (b/K, Q, p*p*C) each
         mean, std = _patch_stats(true)  # (b/K, Q, 1) each
         patches = patchify(imgs, cfg.patch)[:, self.order]  # (b, N, p*p*C), a copy
-        seqs = patches.view(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C), a view
+        seqs = patches.view(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C), same memory
         seqs[:, self.target] = (pred * std + mean).to(patches.dtype)
         return unpatchify(patches[:, torch.argsort(self.order)], cfg.patch, cfg.in_chans)
 
