@@ -139,10 +139,8 @@ def _scan_states(u, delta, A, B):
     u, delta (b, l, d); A (d, n); B (b, l, g, n). Returns exp(ΔA) and h, both (b, l, d, n).
     """
     b, l, d = u.shape
-    g = B.shape[2]
     dA = (delta[..., None] * A).exp_()  # (b, l, d, n)
-    # Δ_t B_t u_t, (b, l, g, d/g, n)
-    h = (delta * u).view(b, l, g, d // g, 1) * B[:, :, :, None, :]
+    h = (delta * u).view(*B.shape[:3], -1, 1) * B[:, :, :, None]  # (b, l, g, d/g, n): Δ_t B_t u_t
     h = h.view(b, l, d, -1)  # (b, l, d, n)
     for t in range(1, l):
         h[:, t].addcmul_(dA[:, t], h[:, t - 1])  # h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t
@@ -460,6 +458,7 @@ class StarConfig:
     drop_path: float = 0.0       # stochastic depth at the last block (linearly less before it)
 
     def __post_init__(self):
+        self.grid = self.img_size // self.patch  # patches per side
         if self.img_size % self.patch:
             raise ValueError(f"img_size must be divisible by patch: got img_size={self.img_size}, "
                              f"patch={self.patch}")
@@ -478,38 +477,20 @@ class StarConfig:
         if self.dec_width % self.dec_heads:
             raise ValueError(f"dec_width must be divisible by dec_heads, got "
                              f"dec_width={self.dec_width}, dec_heads={self.dec_heads}")
-
-    @property
-    def grid(self):  # patches per side
-        return self.img_size // self.patch
-
-    @property
-    def num_patches(self):  # N, the tokens of one image
-        return self.grid ** 2
-
-    @property
-    def patch_dim(self):  # pixel values per patch
-        return self.patch ** 2 * self.in_chans
-
-    @property
-    def sep_len(self):  # s, the tokens of one separator
-        return {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator]
-
-    @property
-    def seq_len(self):  # L, the tokens of one packed sequence
-        return self.images_per_seq * (self.sep_len + self.num_patches)
+        self.num_patches = self.grid ** 2  # N, the tokens of one image
+        self.patch_dim = self.patch ** 2 * self.in_chans  # pixel values per patch
+        self.sep_len = {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator]  # s
+        self.seq_len = self.images_per_seq * (self.sep_len + self.num_patches)  # L, a sequence
 
 
 class MambaMixer(nn.Module):
     """Mamba: in_proj to (x, z), a causal conv and a selective scan per direction, gate, out_proj.
 
-    Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (Mamba.__init__,
-    forward, step). Pretraining scans one direction (causal). Finetuning scans `dirs` directions,
-    each reading the tokens in its own order with its own conv, x_proj, dt_proj, A and D; their
-    outputs are averaged before the gate, as ARM does; in_proj and out_proj are shared. Every
-    per-direction parameter has a leading axis of size dirs, so all directions run together: one
-    conv over dirs*d channels, one batched matmul per projection, and one scan whose B and C have
-    one group per direction. Unlike Mamba, x_proj and dt_proj are plain weight tensors.
+    Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (Mamba).
+    Pretraining scans one direction (causal); finetuning scans `dirs`, each in its own token order
+    with its own conv, x_proj, dt_proj, A and D (a leading axis of size dirs), averaged before the
+    gate as ARM does. All directions run as one conv, one matmul per projection and one scan with
+    a group of B and C per direction. Unlike Mamba, x_proj and dt_proj are plain weight tensors.
     """
 
     def __init__(self, cfg, dirs=1, dt_min=1e-3, dt_max=0.1):
@@ -545,12 +526,11 @@ class MambaMixer(nn.Module):
         b, l, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         d = x.shape[-1]
-        if orders is None and self.dirs > 1:
+        if orders is not None:
+            x = x[:, orders[0]]  # (b, dirs, l, d): each direction's token order
+        elif self.dirs > 1:
             raise ValueError(f"this mixer scans {self.dirs} directions: pass their token orders")
-        if orders is None:
-            u = x.transpose(1, 2)  # (b, d, l)
-        else:
-            u = x[:, orders[0]].transpose(2, 3).flatten(1, 2)  # (b, dirs*d, l), reordered
+        u = x.transpose(-1, -2).reshape(b, self.dirs * d, l)  # (b, dirs*d, l)
         k = self.conv_weight.shape[-1]
         u = F.conv1d(u, self.conv_weight.view(-1, 1, k), self.conv_bias.flatten(),
                      padding=k - 1, groups=self.dirs * d)  # (b, dirs*d, l + k - 1)
@@ -582,10 +562,9 @@ class MambaMixer(nn.Module):
         return self.out_proj(y * F.silu(z))  # (b, width)
 
     def init_state(self, b):
-        _, d, d_conv = self.conv_weight.shape
-        n = self.A_log.shape[-1]
-        conv_state = self.conv_weight.new_zeros(b, d, d_conv)
-        return conv_state, self.conv_weight.new_zeros(b, d, n, dtype=torch.float32)
+        """Zero states for step: conv (b, d, d_conv), scan (b, d, n) in float32."""
+        conv_state = self.conv_weight.new_zeros(b, *self.conv_weight.shape[1:])  # (b, d, d_conv)
+        return conv_state, self.A_log.new_zeros(b, *self.A_log.shape[1:], dtype=torch.float32)
 
 
 class SwiGLU(nn.Module):
@@ -709,8 +688,7 @@ def pack_with_separators(tokens, separator, K):
 
 def unpack_images(seq, K, s):
     """Inverse of pack_with_separators: (b/K, K*(s+N), width) -> (b, N, width), no separators."""
-    bk, length, width = seq.shape
-    return seq.view(bk, K, length // K, width)[:, :, s:].flatten(0, 1)
+    return seq.unflatten(1, (K, -1))[:, :, s:].flatten(0, 1)  # (b, N, width)
 
 
 def next_cluster_targets(cfg):
@@ -767,19 +745,14 @@ class CrossBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
                                  nn.Linear(4 * width, width))
 
-    def _split_heads(self, t):
-        b, length, _ = t.shape
-        return t.view(b, length, self.heads, -1).transpose(1, 2)  # (b, heads, length, e/heads)
-
     def forward(self, x, mem, visible):
         """x (b, Q, e) queries; mem (b, L, e) this layer's encoder features; visible (Q, L) bool."""
-        b, nq, e = x.shape
-        q = self._split_heads(self.q(self.norm_q(x)))  # (b, heads, Q, e/heads)
+        q = self.q(self.norm_q(x))  # (b, Q, e)
         k, v = self.kv(self.norm_kv(mem)).chunk(2, dim=-1)  # (b, L, e) each
-        k = self._split_heads(k)  # (b, heads, L, e/heads)
-        v = self._split_heads(v)
+        # split the heads: (b, heads, Q or L, e/heads)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (b, heads, Q, e/heads)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, nq, e))
+        x = x + self.proj(att.transpose(1, 2).flatten(2))  # (b, Q, e)
         return x + self.mlp(self.norm2(x))
 
 
@@ -809,10 +782,9 @@ class StarPretrain(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = VisionMamba(cfg, dirs=1)
-        # one learnable vector (1, width), repeated sep_len times before every image
-        # ((0, width) when there is no separator)
-        self.separator = nn.Parameter(torch.zeros(min(cfg.sep_len, 1), cfg.width))
-        nn.init.trunc_normal_(self.separator, std=0.02)
+        # one learnable vector, repeated sep_len times before every image
+        sep = torch.empty(min(cfg.sep_len, 1), cfg.width)  # (1, width), or (0, width) for none
+        self.separator = nn.Parameter(nn.init.trunc_normal_(sep, std=0.02))
         # ARM's taps: evenly spaced over the encoder's upper half, the last block included
         # (blocks 6, 8, 10, 12 of 12; 12, 16, 20, 24 of 24); 0-based indices here
         half = cfg.depth // 2
@@ -822,8 +794,7 @@ class StarPretrain(nn.Module):
         # one projection of the tapped features, split so each decoder layer reads its own (ARM)
         self.tap_proj = nn.Linear(cfg.taps * cfg.width, cfg.dec_depth * cfg.dec_width)
         # one shared query; each target adds its position
-        self.query = nn.Parameter(torch.zeros(1, 1, cfg.dec_width))
-        nn.init.trunc_normal_(self.query, std=0.02)
+        self.query = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, cfg.dec_width), std=0.02))
         blocks = [CrossBlock(cfg.dec_width, cfg.dec_heads) for _ in range(cfg.dec_depth)]
         self.dec_blocks = nn.ModuleList(blocks)
         self.dec_norm = nn.LayerNorm(cfg.dec_width)
@@ -865,12 +836,11 @@ class StarPretrain(nn.Module):
         return next_cluster_loss(*self.predict(imgs))
 
     def loss_by_slot(self, target_loss):
-        """The loss by image slot in the sequence (1..K) and cluster: an image's first, or the rest.
+        """The loss by image slot (1..K) and part: an image's first cluster, or the rest.
 
-        target_loss (Q,): the loss of every target, e.g. next_cluster_loss(..., per_target=True)
-        averaged over sequences. Returns a row dict(slot, part "first" or "rest", targets, loss) for
-        every part that has targets; their mean weighted by targets is target_loss's mean. Without a
-        separator, slot 1 has no "first" part: nothing comes before it.
+        target_loss (Q,): next_cluster_loss(..., per_target=True) averaged over sequences. Returns a
+        dict(slot, part, targets, loss) for every part that has targets (without a separator, slot 1
+        has no "first"); their mean weighted by targets is target_loss's mean.
         """
         cfg = self.cfg
         slot = self.target // cfg.num_patches + 1  # (Q,)
@@ -893,9 +863,8 @@ class StarPretrain(nn.Module):
         pred, true = self.predict(imgs)  # (b/K, Q, p*p*C) each
         mean, std = _patch_stats(true)  # (b/K, Q, 1) each
         patches = patchify(imgs, cfg.patch)[:, self.order]  # (b, N, p*p*C), a copy
-        patches = patches.reshape(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C)
-        patches[:, self.target] = (pred * std + mean).to(patches.dtype)
-        patches = patches.view(imgs.shape[0], cfg.num_patches, cfg.patch_dim)  # (b, N, p*p*C)
+        seqs = patches.view(pred.shape[0], -1, cfg.patch_dim)  # (b/K, K*N, p*p*C), same memory
+        seqs[:, self.target] = (pred * std + mean).to(patches.dtype)
         return unpatchify(patches[:, torch.argsort(self.order)], cfg.patch, cfg.in_chans)
 
 
