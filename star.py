@@ -458,7 +458,6 @@ class StarConfig:
     drop_path: float = 0.0       # stochastic depth at the last block (linearly less before it)
 
     def __post_init__(self):
-        self.grid = self.img_size // self.patch  # patches per side
         if self.img_size % self.patch:
             raise ValueError(f"img_size must be divisible by patch: got img_size={self.img_size}, "
                              f"patch={self.patch}")
@@ -477,10 +476,26 @@ class StarConfig:
         if self.dec_width % self.dec_heads:
             raise ValueError(f"dec_width must be divisible by dec_heads, got "
                              f"dec_width={self.dec_width}, dec_heads={self.dec_heads}")
-        self.num_patches = self.grid ** 2  # N, the tokens of one image
-        self.patch_dim = self.patch ** 2 * self.in_chans  # pixel values per patch
-        self.sep_len = {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator]  # s
-        self.seq_len = self.images_per_seq * (self.sep_len + self.num_patches)  # L, a sequence
+
+    @property
+    def grid(self):  # patches per side
+        return self.img_size // self.patch
+
+    @property
+    def num_patches(self):  # N, the tokens of one image
+        return self.grid ** 2
+
+    @property
+    def patch_dim(self):  # pixel values per patch
+        return self.patch ** 2 * self.in_chans
+
+    @property
+    def sep_len(self):  # s, the tokens of one separator
+        return {"none": 0, "token": 1, "cluster": self.cluster ** 2}[self.separator]
+
+    @property
+    def seq_len(self):  # L, the tokens of one packed sequence
+        return self.images_per_seq * (self.sep_len + self.num_patches)
 
 
 class MambaMixer(nn.Module):
