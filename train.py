@@ -299,6 +299,7 @@ def synthetic_shapes(n, size=32, seed=0):
     img = img + 0.06 * torch.randn(img.shape, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
+
 def resize(x, size):
     """uint8 (n, C, H, W) -> (n, C, size, size): a centre square, resized with antialiasing."""
     from torchvision.transforms.v2 import functional as TF
@@ -342,8 +343,8 @@ def read_npz(pattern):
 
 
 def read_folder(root, size=0, classes=None):
-    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, y, the class names. Grayscale
-    if every image is; each image cropped to a centre square and resized if size is given."""
+    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, class names. One channel
+    if every image is grayscale; each cropped to a centre square and resized if size is given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
@@ -356,10 +357,12 @@ def read_folder(root, size=0, classes=None):
     if classes is not None and folder.classes != classes:
         raise UserError(f"{root} has classes {folder.classes}, the training data {classes}")
     images = []
+    gray = True  # every image so far in a grayscale mode
     for path, _ in folder.samples:
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
+                gray = gray and im.mode in ("1", "L", "I;16", "I")
+                im = im.convert("RGB")
                 images.append(np.asarray(ImageOps.fit(im, (size, size)) if size else im))
         except (OSError, ValueError) as e:  # not an image, or a truncated one
             raise UserError(f"{path} cannot be read as an image ({e}): repair or remove it") \
@@ -368,11 +371,9 @@ def read_folder(root, size=0, classes=None):
     if len(sizes) > 1 or any(h != w for h, w in sizes):
         raise UserError(f"the images in {root} are not all square and of one size "
                         f"({sorted(sizes)[:4]}...); pass --img_size N to resize them")
-    if all(a.ndim == 2 for a in images):
-        x = torch.from_numpy(np.stack(images))[:, None]  # (n, 1, H, W)
-    else:  # some in colour: grey ones as RGB, as PIL converts them
-        images = [np.repeat(a[..., None], 3, 2) if a.ndim == 2 else a for a in images]
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, H, W)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, H, W)
+    if gray:
+        x = x[:, :1].clone()  # (n, 1, H, W)
     return x, torch.tensor(folder.targets), folder.classes
 
 
@@ -700,15 +701,16 @@ def train_phase(name, model, data, args, env):
     steps = len(data.x) // B  # the last incomplete batch is dropped
     epochs = args.pretrain_epochs if pre else args.finetune_epochs
     warmup = args.warmup_epochs if pre else args.ft_warmup_epochs
+    phase = SimpleNamespace(name=name, path=os.path.join(args.out, f"{name}.pt"), model=model,
+                            classify=not pre, epochs=epochs, steps=steps, total=epochs * steps,
+                            lr=(args.lr if pre else args.ft_lr) * B / 256,
+                            warmup=round(warmup * steps),
+                            min_scale=args.min_scale if pre else args.ft_min_scale)
     groups = param_groups(model, args.weight_decay, 1.0 if pre else args.layer_decay)
-    phase = SimpleNamespace(
-        name=name, path=os.path.join(args.out, f"{name}.pt"), model=model, classify=not pre,
-        optimizer=torch.optim.AdamW(groups, betas=(0.9, 0.95) if pre else (0.9, 0.999)),
-        scaler=torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16),
-        gen=torch.Generator(env.device).manual_seed(args.seed),  # crops and flips, on every rank
-        epochs=epochs, steps=steps, min_scale=args.min_scale if pre else args.ft_min_scale,
-        lr=(args.lr if pre else args.ft_lr) * B / 256, warmup=round(warmup * steps),
-        total=epochs * steps)
+    betas = (0.9, 0.95) if pre else (0.9, 0.999)
+    phase.optimizer = torch.optim.AdamW(groups, betas=betas)  # the lr is set at every step
+    phase.scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    phase.gen = torch.Generator(env.device).manual_seed(args.seed)  # crops and flips, every rank
     torch.manual_seed(args.seed + env.rank)  # drop-path masks
     start = 0
     if args.resume and os.path.exists(phase.path):
