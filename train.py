@@ -91,6 +91,7 @@ class Args:
     precision: str = "auto"       # auto: bf16 on GPUs of sm_80+, fp16 (scaled) below, fp32 on CPU
     progress: bool = True         # tqdm bars
     overrides: dict = field(default_factory=dict)  # StarConfig fields given as flags
+
 # -----------------------------------------------------------------------------
 # command line, devices
 
@@ -557,7 +558,8 @@ def evaluate(model, data, args, env, by_slot=False):
     per = -(-n // env.world) * unit  # images per rank
     end = min(n * unit, (env.rank + 1) * per)
     size = max(args.batch_size // unit, 1) * unit
-    sums = torch.zeros(2 if classify else len(model.target), device=env.device, dtype=torch.float64)
+    sums = torch.zeros(2 if classify else len(model.target), device=env.device,
+                       dtype=torch.float64)  # (2,): loss, correct; or (Q,): the loss of each target
     model.eval()
     for s in range(env.rank * per, end, size):
         x = normalize(data.x_test[s:min(s + size, end)], data)
@@ -574,9 +576,10 @@ def evaluate(model, data, args, env, by_slot=False):
         dist.all_reduce(sums)
     if classify:
         return {"test_loss": sums[0].item() / n, "test_acc": sums[1].item() / n}
-    if not by_slot:
-        return {"test_loss": sums.mean().item() / n}
-    return {"test_loss": sums.mean().item() / n} | slot_table(model, sums / n, env)
+    metrics = {"test_loss": sums.mean().item() / n}
+    if by_slot:
+        metrics |= slot_table(model, sums / n, env)
+    return metrics
 
 
 def slot_table(model, target_loss, env):
@@ -929,7 +932,8 @@ def evaluate_checkpoint(data, args, env):
     model.load_state_dict(ckpt["model"])
     data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
     data.std = ckpt["norm"][1].to(env.device)
-    result = {"phase": "eval", "checkpoint": args.init} | evaluate(model, data, args, env, True)
+    metrics = evaluate(model, data, args, env, by_slot=True)
+    result = {"phase": "eval", "checkpoint": args.init} | metrics
     if pretrained and env.master:
         sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
     return log_line(result, args, env)
