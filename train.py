@@ -398,8 +398,8 @@ def load_cifar(name, root, env):
     return train, test, sets[0].classes
 
 
-def load_data(args, env):
-    """Train and test images (uint8, on the device), labels, classes, per-channel mean and std."""
+def read_splits(args, env):
+    """The train and test split of --data (or --test_data), each (x uint8, y), and the classes."""
     spec = args.data
     classes = None
     test = None
@@ -428,6 +428,12 @@ def load_data(args, env):
         log.info(f"no test split given: holding out {n} of {len(perm)} images for testing")
         test = [t[perm[:n]] for t in train]
         train = [t[perm[n:]] for t in train]
+    return train, test, classes
+
+
+def load_data(args, env):
+    """Train and test images (uint8, on the device), labels, classes, per-channel mean and std."""
+    train, test, classes = read_splits(args, env)
     x, y = (t[:args.num_train or None] for t in train)
     xt, yt = (t[:args.num_test or None] for t in test)
     num_classes = check_labels(y, yt, len(classes or ()), args)
@@ -444,10 +450,10 @@ def load_data(args, env):
     total_sq = sum((c.double() ** 2).sum((0, 2, 3)) for c in x.split(4096))  # (C,)
     mean = total / count
     std = (total_sq / count / 255 - mean ** 2).clamp(min=1e-6).sqrt()
-    log.info(f"data {spec}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, "
+    log.info(f"data {args.data}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, "
              f"{num_classes} classes")
-    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, mean=mean.float().view(1, -1, 1, 1),
-                           std=std.float().view(1, -1, 1, 1), num_classes=num_classes, name=spec)
+    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, num_classes=num_classes, name=args.data,
+                           mean=mean.float().view(1, -1, 1, 1), std=std.float().view(1, -1, 1, 1))
 
 
 def check_labels(y, y_test, num_classes, args):
@@ -658,8 +664,9 @@ def sample_grid(model, data, args, env, path, pad=2):
     page = Image.new("RGB", (GRID_MARGIN + grid.width, grid.height), "white")
     page.paste(grid, (GRID_MARGIN, 0))
     side = big.shape[-1] + pad
+    draw = ImageDraw.Draw(page)
     for i, label in enumerate(("input", "predicted", "completed")):
-        ImageDraw.Draw(page).text((4, pad + i * side + side // 2 - 6), label, fill="black")
+        draw.text((4, pad + i * side + side // 2 - 6), label, fill="black")
     page.save(path)
 
 # -----------------------------------------------------------------------------
