@@ -321,8 +321,7 @@ def read_npz(pattern):
                 keys = list(f.keys())
                 arrays = [f[k] for k in ("x", "y") if k in f]
         except Exception as e:  # a text, empty or truncated file: numpy's errors vary
-            raise UserError(f"{path} cannot be read as an .npz file ({type(e).__name__}: {e})") \
-                from None
+            raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
         if len(arrays) < 2:
             raise UserError(f"{path} holds {keys}; expected arrays x (uint8 N x H x W x C) and y")
         x, y = arrays
@@ -366,8 +365,7 @@ def read_folder(root, size=0, classes=None):
                 im = im.convert("RGB")
                 images.append(np.asarray(ImageOps.fit(im, (size, size)) if size else im))
         except (OSError, ValueError) as e:  # not an image, or a truncated one
-            raise UserError(f"{path} cannot be read as an image ({e}): repair or remove it") \
-                from None
+            raise UserError(f"cannot read {path} as an image ({e}): repair or remove it") from None
     sizes = {a.shape[:2] for a in images}
     if len(sizes) > 1 or any(h != w for h, w in sizes):
         raise UserError(f"the images in {root} are not all square and of one size "
@@ -532,8 +530,7 @@ def load_checkpoint(path, phase=None):
     try:  # our own files: numpy's RNG state inside
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file: the errors vary
-        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e})") \
-            from None
+        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not {"phase", "config", "model"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by train.py")
     if phase and ckpt["phase"] != phase:
