@@ -741,8 +741,8 @@ def train_phase(name, model, data, args, env):
 
 
 def train_epoch(phase, model, epoch, data, args, env):
-    """One pass over the training set; returns the mean loss and the last lr. model is phase.model,
-    in DDP when there are several processes: each rank takes its share of every global batch."""
+    """One pass over the training set, a training step per global batch; returns the mean loss and
+    the last lr. model is phase.model, in DDP under torchrun: each rank takes a share of a batch."""
     B = args.batch_size
     lo = env.rank * B // env.world
     hi = (env.rank + 1) * B // env.world
