@@ -22,6 +22,7 @@ checkpoints, log.jsonl (one JSON line per epoch), and samples_*.png: test images
 teacher-forced next-cluster predictions, lower halves completed autoregressively.
 """
 import argparse
+import collections
 import glob
 import inspect
 import json
@@ -105,6 +106,11 @@ FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "
                   "layer_decay", "labeled")
 # the model fields that fix the weights' shapes
 SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")
+# number flags must be at least 0 (but --seed), model sizes at least 1; these have other limits
+AT_LEAST_1 = ("batch_size", "log_every", "eval_every")
+AT_MOST_1 = ("min_scale", "ft_min_scale", "layer_decay", "ft_drop_path", "label_smoothing",
+             "drop_path")
+ABOVE_0 = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
 
 
 def _bool(s):
@@ -156,30 +162,17 @@ class UserError(ValueError):
     """A bad flag, file or checkpoint: main prints it in one line and exits with status 2."""
 
 
-# the range each number flag must lie in; the POSITIVE ones must be above 0 too
-LIMITS = {"batch_size": (1, math.inf), "log_every": (1, math.inf), "eval_every": (1, math.inf),
-          "pretrain_epochs": (0, math.inf), "finetune_epochs": (0, math.inf),
-          "num_train": (0, math.inf), "num_test": (0, math.inf), "img_size": (0, math.inf),
-          "num_samples": (0, math.inf), "warmup_epochs": (0, math.inf),
-          "ft_warmup_epochs": (0, math.inf), "weight_decay": (0, math.inf), "min_scale": (0, 1),
-          "ft_min_scale": (0, 1), "layer_decay": (0, 1), "ft_drop_path": (0, 1),
-          "label_smoothing": (0, 1), "drop_path": (0, 1), "labeled": (0, math.inf),
-          "clip_grad": (0, math.inf)}
-POSITIVE = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
-
-
 def check_args(args):
     """Refuse flags out of range or that do not go together, before any work."""
-    values = asdict(args) | args.overrides
-    sizes = {k: (1, math.inf) for k, v in args.overrides.items() if type(v) is int}  # widths, K
-    for name, (low, high) in (LIMITS | sizes).items():
-        v = values.get(name, low)
-        if not low <= v <= high:
-            most = f" and at most {high}" if high < math.inf else ""
-            raise UserError(f"--{name} must be at least {low}{most}, got {v}")
-    for name in POSITIVE:
-        if not values.get(name, 1) > 0:
-            raise UserError(f"--{name} must be above 0, got {values[name]}")
+    for name, v in (asdict(args) | args.overrides).items():
+        if type(v) not in (int, float) or name == "seed":
+            continue
+        low = 1 if name in AT_LEAST_1 or (name in args.overrides and type(v) is int) else 0
+        high = 1 if name in AT_MOST_1 else math.inf
+        if not low <= v <= high or (name in ABOVE_0 and v <= 0):
+            least = "above 0" if name in ABOVE_0 else f"at least {low}"
+            most = " and at most 1" if high == 1 else ""
+            raise UserError(f"--{name} must be {least}{most}, got {v}")
     for flag, named in (("data", ("synthetic", "cifar10", "cifar100")), ("test_data", ())):
         spec = getattr(args, flag)
         if spec and spec not in named and not spec.startswith(("npz:", "folder:")):
@@ -316,6 +309,7 @@ def resize(x, size):
 
 
 def read_npz(pattern):
+    """x (n, C, H, W) uint8 and y (n,) int64 from every .npz file that pattern matches."""
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
         raise UserError(f"npz:{pattern} matches no files")
@@ -327,8 +321,7 @@ def read_npz(pattern):
                 keys = list(f.keys())
                 arrays = [f[k] for k in ("x", "y") if k in f]
         except Exception as e:  # a text, empty or truncated file: numpy's errors vary
-            raise UserError(f"{path} cannot be read as an .npz file ({type(e).__name__}: {e})") \
-                from None
+            raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
         if len(arrays) < 2:
             raise UserError(f"{path} holds {keys}; expected arrays x (uint8 N x H x W x C) and y")
         x, y = arrays
@@ -350,7 +343,8 @@ def read_npz(pattern):
 
 
 def read_folder(root, size=0, classes=None):
-    """ImageFolder layout (root/CLASS/IMAGE); grayscale if every image is; resized if size given."""
+    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, class names. One channel
+    if every image is grayscale; each cropped to a centre square and resized if size is given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
@@ -362,35 +356,24 @@ def read_folder(root, size=0, classes=None):
                         f"{e}") from None
     if classes is not None and folder.classes != classes:
         raise UserError(f"{root} has classes {folder.classes}, the training data {classes}")
-
-    def read(path, header=False):
+    images = []
+    gray = True  # every image so far in a grayscale mode
+    for path, _ in folder.samples:
         try:
             with Image.open(path) as im:
-                if header:
-                    return im.mode, im.size
-                im = im.convert(mode)
-                return np.asarray(ImageOps.fit(im, (size, size)) if size else im)
+                gray = gray and im.mode in ("1", "L", "I;16", "I")
+                im = im.convert("RGB")
+                images.append(np.asarray(ImageOps.fit(im, (size, size)) if size else im))
         except (OSError, ValueError) as e:  # not an image, or a truncated one
-            raise UserError(f"{path} cannot be read as an image ({e}): repair or remove it") \
-                from None
-    headers = [read(path, header=True) for path, _ in folder.samples]  # a first pass: headers only
-    modes = {m for m, _ in headers}
-    sizes = {s for _, s in headers}
-    mode = "L" if modes <= {"1", "L", "I;16", "I"} else "RGB"
-    if not size and (len(sizes) > 1 or any(w != h for w, h in sizes)):
+            raise UserError(f"cannot read {path} as an image ({e}): repair or remove it") from None
+    sizes = {a.shape[:2] for a in images}
+    if len(sizes) > 1 or any(h != w for h, w in sizes):
         raise UserError(f"the images in {root} are not all square and of one size "
                         f"({sorted(sizes)[:4]}...); pass --img_size N to resize them")
-    x = torch.from_numpy(np.stack([read(path) for path, _ in folder.samples]))
-    x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, H, W)
+    if gray:
+        x = x[:, :1].clone()  # (n, 1, H, W)
     return x, torch.tensor(folder.targets), folder.classes
-
-
-def hold_out(x, y, fraction=0.1):
-    """A deterministic train/test split of one image set (the same permutation every time)."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    n = max(1, int(len(x) * fraction))
-    log.info(f"no test split given: holding out {n} of {len(x)} images for testing")
-    return (x[perm[n:]], y[perm[n:]]), (x[perm[:n]], y[perm[:n]])
 
 
 def load_cifar(name, root, env):
@@ -413,8 +396,8 @@ def load_cifar(name, root, env):
     return train, test, sets[0].classes
 
 
-def load_data(args, env):
-    """Train and test images (uint8, on the device), labels, classes, per-channel mean and std."""
+def read_splits(args, env):
+    """The train and test split of --data (or --test_data), each (x uint8, y), and the classes."""
     spec = args.data
     classes = None
     test = None
@@ -437,8 +420,18 @@ def load_data(args, env):
         test = read_npz(args.test_data[4:])
     elif args.test_data:
         test = read_folder(args.test_data[7:], args.img_size, classes)[:2]
-    elif test is None:
-        train, test = hold_out(*train)
+    elif test is None:  # hold out a tenth for testing, the same images every time
+        perm = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(0))
+        n = max(1, len(perm) // 10)
+        log.info(f"no test split given: holding out {n} of {len(perm)} images for testing")
+        test = [t[perm[:n]] for t in train]
+        train = [t[perm[n:]] for t in train]
+    return train, test, classes
+
+
+def load_data(args, env):
+    """Train and test images (uint8, on the device), labels, classes, per-channel mean and std."""
+    train, test, classes = read_splits(args, env)
     x, y = (t[:args.num_train or None] for t in train)
     xt, yt = (t[:args.num_test or None] for t in test)
     num_classes = check_labels(y, yt, len(classes or ()), args)
@@ -455,10 +448,10 @@ def load_data(args, env):
     total_sq = sum((c.double() ** 2).sum((0, 2, 3)) for c in x.split(4096))  # (C,)
     mean = total / count
     std = (total_sq / count / 255 - mean ** 2).clamp(min=1e-6).sqrt()
-    log.info(f"data {spec}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, "
+    log.info(f"data {args.data}: {len(x)} train, {len(xt)} test images of {tuple(x.shape[1:])}, "
              f"{num_classes} classes")
-    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, mean=mean.float().view(1, -1, 1, 1),
-                           std=std.float().view(1, -1, 1, 1), num_classes=num_classes, name=spec)
+    return SimpleNamespace(x=x, y=y, x_test=xt, y_test=yt, num_classes=num_classes, name=args.data,
+                           mean=mean.float().view(1, -1, 1, 1), std=std.float().view(1, -1, 1, 1))
 
 
 def check_labels(y, y_test, num_classes, args):
@@ -508,8 +501,9 @@ def augment(x, theta, data):
     x = normalize(x, data)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
 # -----------------------------------------------------------------------------
-# models, checkpoints, evaluation
+# models, checkpoints, evaluation, pictures
 
 
 def model_config(args, data):
@@ -529,6 +523,22 @@ def model_config(args, data):
                         ) from None
 
 
+def load_checkpoint(path, phase=None):
+    """A checkpoint of train.py; of that phase, if given."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:  # our own files: numpy's RNG state inside
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file: the errors vary
+        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"phase", "config", "model"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    if phase and ckpt["phase"] != phase:
+        hint = " (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""
+        raise UserError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one{hint}")
+    return ckpt
+
+
 def check_config(saved, cfg, names, what):
     """Raise a UserError naming every field in names where a checkpoint's config or flags differ."""
     diff = [f"{n}={saved.get(n)!r} there, {getattr(cfg, n)!r} here"
@@ -538,78 +548,57 @@ def check_config(saved, cfg, names, what):
                         f"Pass the same --preset and flags as the run that wrote it")
 
 
-def load_checkpoint(path, phase=None):
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    try:  # our own files: numpy's RNG state inside
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file: the errors vary
-        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e})") \
-            from None
-    if not isinstance(ckpt, dict) or not {"phase", "config", "model"} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint written by train.py")
-    if phase and ckpt["phase"] != phase:
-        hint = " (evaluate it with --mode eval)" if ckpt["phase"] != "pretrain" else ""
-        raise UserError(f"{path} is a {ckpt['phase']} checkpoint; this needs a {phase} one{hint}")
-    return ckpt
-
-
-def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW groups: no decay on 1-D params (norms, biases, D), A_log and the learned tokens;
-    an lr scale per layer (patch embedding 0, blocks 1..depth, the rest depth + 1)."""
-    depth = len(model.encoder.blocks)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = (p.dim() < 2 or name.endswith(("bias", "A_log", ".D"))
-                    or name in ("separator", "query"))
-        layer = depth + 1
-        if name.startswith("encoder.patch_embed"):
-            layer = 0
-        elif name.startswith("encoder.blocks."):
-            layer = int(name.split(".")[2]) + 1
-        scale = layer_decay ** (depth + 1 - layer)
-        decay = 0.0 if no_decay else weight_decay
-        new = {"params": [], "weight_decay": decay, "lr_scale": scale}
-        groups.setdefault((no_decay, scale), new)["params"].append(p)
-    return list(groups.values())
-
-
-def eval_batches(data, unit, args, env):
-    """This rank's share of the test split, in batches of whole sequences of unit images."""
-    n = len(data.x_test) // unit
-    per = -(-n // env.world) * unit  # images per rank
-    hi = min(n * unit, (env.rank + 1) * per)
-    size = max(args.batch_size // unit, 1) * unit
-    for s in range(env.rank * per, hi, size):
-        yield normalize(data.x_test[s:min(s + size, hi)], data), data.y_test[s:min(s + size, hi)]
-
-
 @torch.no_grad()
-def evaluate(model, data, args, env):
-    """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split."""
+def evaluate(model, data, args, env, by_slot=False):
+    """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split;
+    by_slot: a pretraining model's loss also by image slot and cluster, printed as a table."""
     classify = isinstance(model, star.StarClassifier)
     unit = 1 if classify else model.cfg.images_per_seq
     if len(data.x_test) < unit:
         raise UserError(f"the test split has {len(data.x_test)} image(s), fewer than one sequence "
                         f"of K={unit}: use --num_test {unit} or more")
-    stats = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, correct, images
+    n = len(data.x_test) // unit  # images, or sequences of K images
+    per = -(-n // env.world) * unit  # images per rank
+    end = min(n * unit, (env.rank + 1) * per)
+    size = max(args.batch_size // unit, 1) * unit
+    sums = torch.zeros(2 if classify else len(model.target), device=env.device,
+                       dtype=torch.float64)  # (2,): loss, correct; or (Q,): the loss of each target
     model.eval()
-    for x, y in eval_batches(data, unit, args, env):
+    for s in range(env.rank * per, end, size):
+        x = normalize(data.x_test[s:min(s + size, end)], data)
+        y = data.y_test[s:min(s + size, end)]
         with autocast(env):
-            out = model(x)
+            out = model(x) if classify else model.predict(x)
         if classify:
-            stats[0] += F.cross_entropy(out.float(), y, reduction="sum")
-            stats[1] += (out.argmax(1) == y).sum()
-        else:
-            stats[0] += out.double() * len(x)  # the mean over targets: every sequence has as many
-        stats[2] += len(x)
+            sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+            sums[1] += (out.argmax(1) == y).sum()
+        else:  # every target's loss (Q,), summed over the sequences
+            sums += star.next_cluster_loss(*out, per_target=True).double().sum(0)
     model.train()
     if env.ddp:
-        dist.all_reduce(stats)
-    loss, correct, n = stats.tolist()
-    return {"test_loss": loss / max(n, 1)} | ({"test_acc": correct / max(n, 1)} if classify else {})
+        dist.all_reduce(sums)
+    if classify:
+        return {"test_loss": sums[0].item() / n, "test_acc": sums[1].item() / n}
+    metrics = {"test_loss": sums.mean().item() / n}
+    if by_slot:
+        metrics |= slot_table(model, sums / n, env)
+    return metrics
+
+
+def slot_table(model, target_loss, env):
+    """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
+    where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
+    K = model.cfg.images_per_seq
+    rows = model.loss_by_slot(target_loss)
+    got = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
+    lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
+             f"targets per sequence in parentheses:",
+             "  slot  first cluster     other clusters"]
+    for k in range(1, K + 1):
+        lines.append(f"  {k:4d}  {got.get((k, 'first'), '-'):<16s}  {got.get((k, 'rest'), '-')}")
+    if env.master:
+        print("\n".join(lines), flush=True)
+    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
 
 
 @torch.no_grad()
@@ -647,9 +636,15 @@ def complete_lower_half(model, imgs):
     return star.unpatchify(patches, cfg.patch, cfg.in_chans)
 
 
+GRID_SCALE = 3  # nearest-neighbour enlargement: a 32 px image shows as 96 px
+GRID_MARGIN = 80  # left margin for the row labels, px
+
+
 @torch.no_grad()
-def sample_grid(model, data, args, env, path):
-    """A PNG of three labelled rows: test images, teacher-forced predictions, completions."""
+def sample_grid(model, data, args, env, path, pad=2):
+    """A PNG of three labelled rows of test images: as they are, the teacher-forced predictions,
+    the lower halves completed; each image enlarged GRID_SCALE times."""
+    from PIL import Image, ImageDraw
     K = model.cfg.images_per_seq
     n = min(-(-args.num_samples // K) * K, len(data.x_test) // K * K)
     if n == 0:
@@ -659,25 +654,15 @@ def sample_grid(model, data, args, env, path):
     with autocast(env):
         rows = [imgs, model.predicted_images(imgs).float(), complete_lower_half(model, imgs)]
     model.train()
-    save_rows([(r * data.std + data.mean).clamp(0, 1) for r in rows], ROW_LABELS, path)
-
-
-ROW_LABELS = ("input", "predicted", "completed")
-GRID_SCALE = 3  # nearest-neighbour enlargement: a 32 px image shows as 96 px
-GRID_MARGIN = 80  # left margin for the row labels, px
-
-
-def save_rows(rows, labels, path, pad=2):
-    """A PNG of labelled rows of images (each (n, C, H, W) in [0, 1]), enlarged GRID_SCALE times."""
-    from PIL import Image, ImageDraw
-    big = [F.interpolate(r.float().cpu(), scale_factor=GRID_SCALE, mode="nearest") for r in rows]
-    grid = make_grid(torch.cat(big), nrow=len(rows[0]), padding=pad, pad_value=1.0)  # (3, H, W)
+    rows = [(r * data.std + data.mean).clamp(0, 1).cpu() for r in rows]
+    big = torch.cat([F.interpolate(r, scale_factor=GRID_SCALE, mode="nearest") for r in rows])
+    grid = make_grid(big, nrow=n, padding=pad, pad_value=1.0)  # (3, H, W)
     grid = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
     page = Image.new("RGB", (GRID_MARGIN + grid.width, grid.height), "white")
     page.paste(grid, (GRID_MARGIN, 0))
+    side = big.shape[-1] + pad
     draw = ImageDraw.Draw(page)
-    side = big[0].shape[-1] + pad
-    for i, label in enumerate(labels):
+    for i, label in enumerate(("input", "predicted", "completed")):
         draw.text((4, pad + i * side + side // 2 - 6), label, fill="black")
     page.save(path)
 
@@ -685,49 +670,79 @@ def save_rows(rows, labels, path, pad=2):
 # the training loop, shared by pretraining, finetuning and probing
 
 
-def train_phase(name, model, data, args, env, epochs, lr, warmup_epochs, min_scale, betas,
-                layer_decay=1.0):
-    """Train model for epochs (AdamW, warm-up then cosine), evaluating, logging and checkpointing
-    every epoch; --resume goes on from the last epoch saved. Returns the history: one dict per
-    evaluation, the first before any training."""
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """AdamW groups: no decay on 1-D params (norms, biases, D), A_log and the learned tokens;
+    an lr scale per layer (patch embedding 0, blocks 1..depth, the rest depth + 1)."""
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = (p.dim() < 2 or name.endswith(("bias", "A_log", ".D"))
+                    or name in ("separator", "query"))
+        layer = depth + 1
+        if name.startswith("encoder.patch_embed"):
+            layer = 0
+        elif name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        scale = layer_decay ** (depth + 1 - layer)
+        decay = 0.0 if no_decay else weight_decay
+        new = {"params": [], "weight_decay": decay, "lr_scale": scale}
+        groups.setdefault((no_decay, scale), new)["params"].append(p)
+    return list(groups.values())
+
+
+def train_phase(name, model, data, args, env):
+    """Train model for its phase's epochs (AdamW, warm-up then cosine), evaluating, logging and
+    checkpointing every epoch; --resume goes on after the last epoch saved. Returns the history:
+    one dict per epoch, the first before any training."""
     env.phase = name
-    classify = isinstance(model, star.StarClassifier)
-    steps = steps_per_epoch(len(data.x), 1 if classify else model.cfg.images_per_seq, args, env)
-    groups = param_groups(model, args.weight_decay, layer_decay)
-    phase = SimpleNamespace(
-        name=name, path=os.path.join(args.out, f"{name}.pt"), model=model, classify=classify,
-        optimizer=torch.optim.AdamW(groups, lr=lr, betas=betas),
-        scaler=torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16),
-        gen=torch.Generator(env.device).manual_seed(args.seed),  # crops and flips, on every rank
-        epochs=epochs, steps=steps, min_scale=min_scale, lr=lr * args.batch_size / 256,
-        warmup=round(warmup_epochs * steps), total=epochs * steps)
+    pre = name == "pretrain"  # else a classifier: finetune, scratch or probe
+    B = args.batch_size
+    unit = model.cfg.images_per_seq if pre else 1
+    if B % (env.world * unit):
+        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
+                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
+    if len(data.x) < B:
+        raise UserError(f"the training set has {len(data.x)} images, fewer than --batch_size {B}")
+    steps = len(data.x) // B  # the last incomplete batch is dropped
+    epochs = args.pretrain_epochs if pre else args.finetune_epochs
+    warmup = args.warmup_epochs if pre else args.ft_warmup_epochs
+    phase = SimpleNamespace(name=name, path=os.path.join(args.out, f"{name}.pt"), model=model,
+                            classify=not pre, epochs=epochs, steps=steps, total=epochs * steps,
+                            lr=(args.lr if pre else args.ft_lr) * B / 256,
+                            warmup=round(warmup * steps),
+                            min_scale=args.min_scale if pre else args.ft_min_scale)
+    groups = param_groups(model, args.weight_decay, 1.0 if pre else args.layer_decay)
+    betas = (0.9, 0.95) if pre else (0.9, 0.999)
+    phase.optimizer = torch.optim.AdamW(groups, betas=betas)  # the lr is set at every step
+    phase.scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    phase.gen = torch.Generator(env.device).manual_seed(args.seed)  # crops and flips, every rank
     torch.manual_seed(args.seed + env.rank)  # drop-path masks
     start = 0
     if args.resume and os.path.exists(phase.path):
         start, history = restore(phase, args, env)
     else:
         rec = {"phase": name, "epoch": 0, "step": 0} | evaluate_phase(phase, 0, data, args, env)
-        history = [rec]
-        log_line(rec, args, env)
+        history = [log_line(rec, args, env)]
     ddp_model = model
     if env.ddp:
         ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     for epoch in range(start, epochs):
         t0 = time.time()
-        loss, lr_now = train_epoch(phase, ddp_model, epoch, data, args, env)
+        loss, lr = train_epoch(phase, ddp_model, epoch, data, args, env)
         rec = {"phase": name, "epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": loss,
-               "lr": lr_now, "img_per_s": round(steps * args.batch_size / (time.time() - t0), 1)}
+               "lr": lr, "img_per_s": round(steps * B / (time.time() - t0), 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
             rec |= evaluate_phase(phase, epoch + 1, data, args, env)
-        history.append(rec)
-        log_line(rec, args, env)
+        history.append(log_line(rec, args, env))
         save_checkpoint(phase, epoch + 1, history, data, args, env)
     return history
 
 
 def train_epoch(phase, model, epoch, data, args, env):
-    """One pass over the training set; returns the mean loss and the last lr. model is phase.model,
-    in DDP when there are several processes: each rank takes its share of every global batch."""
+    """One pass over the training set, a training step per global batch; returns the mean loss and
+    the last lr. model is phase.model, in DDP under torchrun: each rank takes a share of a batch."""
     B = args.batch_size
     lo = env.rank * B // env.world
     hi = (env.rank + 1) * B // env.world
@@ -765,17 +780,6 @@ def train_epoch(phase, model, epoch, data, args, env):
     return sum(seen) / len(seen), lr
 
 
-def steps_per_epoch(n, unit, args, env):
-    """Whole global batches in n images (the last incomplete one is dropped)."""
-    B = args.batch_size
-    if B % (env.world * unit):
-        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
-                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
-    if n < B:
-        raise UserError(f"the training set has {n} images, fewer than --batch_size {B}")
-    return n // B
-
-
 def lr_at(step, lr, warmup, total):
     """Linear warm-up over the first warmup steps, then cosine decay to 0 at step total."""
     if step < warmup:
@@ -810,6 +814,16 @@ def evaluate_phase(phase, epoch, data, args, env):
         path = os.path.join(args.out, f"samples_{phase.name}_e{epoch:03d}.png")
         sample_grid(phase.model, data, args, env, path)
     return metrics
+
+
+def log_line(rec, args, env):
+    """Print rec in one line and append it to log.jsonl (rank 0); return it."""
+    if env.master:
+        words = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+        log.info(" ".join(words))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
 
 
 def save_checkpoint(phase, epoch, history, data, args, env):
@@ -850,7 +864,7 @@ def restore(phase, args, env):
     ckpt = load_checkpoint(phase.path, phase.name)
     names = [f.name for f in fields(star.StarConfig)]
     check_config(ckpt["config"], phase.model.cfg, names, phase.path)
-    flags = PRETRAIN_FLAGS if phase.name == "pretrain" else FINETUNE_FLAGS
+    flags = FINETUNE_FLAGS if phase.classify else PRETRAIN_FLAGS
     check_config(ckpt["args"], args, RESUMED + flags, phase.path)
     phase.model.load_state_dict(ckpt["model"])
     phase.optimizer.load_state_dict(ckpt["optimizer"])
@@ -868,67 +882,42 @@ def restore(phase, args, env):
     log.info(f"resuming {phase.path} after epoch {ckpt['epoch']} (step {ckpt['step']})")
     return ckpt["epoch"], ckpt["history"]
 
-
-def log_line(rec, args, env):
-    if env.master:
-        words = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
-        log.info(" ".join(words))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
 # -----------------------------------------------------------------------------
 # the phases and the report
 
 
-def pretrain(cfg, data, args, env):
+def make_model(name, cfg, args, env):
+    """The model of a phase: pretraining's, or a classifier from scratch or from a pretraining
+    checkpoint (finetune, probe); the probe trains only its norm and head (a linear probe)."""
     torch.manual_seed(args.seed)
-    model = star.StarPretrain(cfg).to(env.device)
-    log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: "
-             f"K={cfg.images_per_seq} images per sequence, separator {cfg.separator}, "
-             f"{cfg.seq_len} tokens")
-    return train_phase("pretrain", model, data, args, env, args.pretrain_epochs, args.lr,
-                       args.warmup_epochs, args.min_scale, betas=(0.9, 0.95))
-
-
-def _summary(keys):
-    heads = {}
-    for k in keys:
-        heads[k.split(".")[0]] = heads.get(k.split(".")[0], 0) + 1
-    return ", ".join(f"{h} ({n})" for h, n in heads.items()) or "none"
-
-
-def finetune(name, cfg, data, args, env, init="", frozen=False):
-    """Finetune a classifier from init or from scratch; frozen=True trains only its norm and head
-    (a linear probe)."""
-    cfg = replace(cfg, drop_path=0.0 if frozen else args.ft_drop_path)
-    torch.manual_seed(args.seed)
+    if name == "pretrain":
+        model = star.StarPretrain(cfg).to(env.device)
+        log.info(f"pretraining {star.count_params(model) / 1e6:.2f}M parameters: "
+                 f"K={cfg.images_per_seq} images per sequence, separator {cfg.separator}, "
+                 f"{cfg.seq_len} tokens")
+        return model
+    cfg = replace(cfg, drop_path=0.0 if name == "probe" else args.ft_drop_path)
     model = star.StarClassifier(cfg).to(env.device)
+    own = os.path.join(args.out, "pretrain.pt")  # mode all: this run's pretraining
+    init = {"finetune": own if args.mode == "all" else args.init, "probe": args.init or own,
+            "scratch": ""}[name]
     if init and not (args.resume and os.path.exists(os.path.join(args.out, f"{name}.pt"))):
         ckpt = load_checkpoint(init, "pretrain")
         check_config(ckpt["config"], cfg, SHAPE_FIELDS, init)
         missing, unexpected = model.load_pretrained(ckpt["model"])
-        log.info(f"{name}: weights from {init}; missing keys: {_summary(missing)}; "
-                 f"unexpected keys: {_summary(unexpected)}")
+        log.info(f"{name}: weights from {init}; missing keys: {key_heads(missing)}; "
+                 f"unexpected keys: {key_heads(unexpected)}")
     elif not init:
         log.info(f"{name}: from scratch")
-    if frozen:
+    if name == "probe":
         model.encoder.requires_grad_(False)
-    layer_decay = 1.0 if frozen else args.layer_decay
-    return train_phase(name, model, data, args, env, args.finetune_epochs, args.ft_lr,
-                       args.ft_warmup_epochs, args.ft_min_scale, betas=(0.9, 0.999),
-                       layer_decay=layer_decay)
+    return model
 
 
-def labeled_part(data, n):
-    """The first n training images and their labels (0: all), the labelled set that finetuning sees.
-
-    The semi-supervised setting: pretraining reads every training image without its label,
-    finetuning a few labelled ones; the mean and std stay those of all the images. The data sets'
-    order is random already.
-    """
-    if not n or n >= len(data.x):
-        return data
-    return SimpleNamespace(**(vars(data) | {"x": data.x[:n], "y": data.y[:n]}))
+def key_heads(keys):
+    """State-dict keys counted by their first name: 'head (2), norm (2)'."""
+    counts = collections.Counter(k.split(".")[0] for k in keys)
+    return ", ".join(f"{head} ({n})" for head, n in counts.items()) or "none"
 
 
 def evaluate_checkpoint(data, args, env):
@@ -947,68 +936,36 @@ def evaluate_checkpoint(data, args, env):
     model.load_state_dict(ckpt["model"])
     data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
     data.std = ckpt["norm"][1].to(env.device)
-    result = {"phase": "eval", "checkpoint": args.init, **evaluate(model, data, args, env)}
-    if pretrained:
-        result |= evaluate_by_slot(model, data, args, env)
-        if env.master:
-            sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
-    log_line(result, args, env)
-    return result
-
-
-@torch.no_grad()
-def evaluate_by_slot(model, data, args, env):
-    """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
-    where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
-    K = model.cfg.images_per_seq
-    sums = torch.zeros(len(model.target), device=env.device, dtype=torch.float64)  # (Q,)
-    model.eval()
-    for x, _ in eval_batches(data, K, args, env):
-        with autocast(env):
-            pred, true = model.predict(x)  # (b/K, Q, p*p*C) each
-        sums += star.next_cluster_loss(pred, true, per_target=True).double().sum(0)  # (Q,)
-    model.train()
-    if env.ddp:
-        dist.all_reduce(sums)
-    rows = model.loss_by_slot(sums / max(len(data.x_test) // K, 1))
-    got = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
-    lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
-             f"targets per sequence in parentheses:",
-             "  slot  first cluster     other clusters"]
-    for k in range(1, K + 1):
-        lines.append(f"  {k:4d}  {got.get((k, 'first'), '-'):<16s}  {got.get((k, 'rest'), '-')}")
-    if env.master:
-        print("\n".join(lines), flush=True)
-    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
+    metrics = evaluate(model, data, args, env, by_slot=True)
+    result = {"phase": "eval", "checkpoint": args.init} | metrics
+    if pretrained and env.master:
+        sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
+    return log_line(result, args, env)
 
 
 def run(args, env):
+    """The phases of args.mode, then the report; mode eval evaluates --init instead."""
     phases = {"all": ["pretrain", "finetune"] + ["scratch"] * args.compare_scratch,
               "pretrain": ["pretrain"], "finetune": ["finetune"], "probe": ["probe"], "eval": []}
     phases = phases[args.mode]
-    os.makedirs(args.out, exist_ok=True)
-    taken = [p for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
+    taken = [f"{p}.pt" for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
     if taken and not args.resume:
-        held = ", ".join(p + ".pt" for p in taken)
-        raise UserError(f"{args.out} already holds {held}: pass --resume to continue that run, "
-                        f"or --out to start another")
+        raise UserError(f"{args.out} already holds {', '.join(taken)}: pass --resume to continue "
+                        f"that run, or --out to start another")
     t0 = time.time()
     data = load_data(args, env)
     if args.mode == "eval":
         return evaluate_checkpoint(data, args, env)
     cfg = model_config(args, data)
+    # semi-supervised: pretraining reads every training image without its label, finetuning the
+    # first --labeled ones (the data's order is random already); mean and std stay those of all
+    labeled = SimpleNamespace(**vars(data))
+    labeled.x = data.x[:args.labeled or None]
+    labeled.y = data.y[:args.labeled or None]
     h = {}
-    if "pretrain" in phases:
-        h["pretrain"] = pretrain(cfg, data, args, env)
-    labeled = labeled_part(data, args.labeled)
-    if "finetune" in phases:
-        init = os.path.join(args.out, "pretrain.pt") if args.mode == "all" else args.init
-        h["finetune"] = finetune("finetune", cfg, labeled, args, env, init)
-    if "scratch" in phases:
-        h["scratch"] = finetune("scratch", cfg, labeled, args, env)
-    if "probe" in phases:
-        init = args.init or os.path.join(args.out, "pretrain.pt")
-        h["probe"] = finetune("probe", cfg, labeled, args, env, init, frozen=True)
+    for name in phases:
+        model = make_model(name, cfg, args, env)
+        h[name] = train_phase(name, model, data if name == "pretrain" else labeled, args, env)
     summary = {"data": data.name, "train": len(data.x), "test": len(data.x_test),
                "labeled": len(labeled.x), "preset": args.preset,
                "minutes": round((time.time() - t0) / 60, 2)}
@@ -1017,9 +974,7 @@ def run(args, env):
         summary["separator"] = cfg.separator
         summary["ar_loss_before"] = h["pretrain"][0]["test_loss"]
         summary["ar_loss_after"] = h["pretrain"][-1]["test_loss"]
-    for p in ("finetune", "scratch", "probe"):
-        if p in h:
-            summary[f"{p}_acc"] = h[p][-1]["test_acc"]
+    summary |= {f"{p}_acc": h[p][-1]["test_acc"] for p in h if p != "pretrain"}
     if env.master:
         report(summary, cfg, args)
         log_line({"summary": summary}, args, env)
