@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
@@ -80,6 +81,9 @@ class Args:
     ft_min_scale: float = 0.35    # the same for finetuning
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
     label_smoothing: float = 0.1  # finetuning cross-entropy
+    mixup: float = 0.0            # Beta(a, a) of mixup (ARM: 0.8); 0 = off
+    cutmix: float = 0.0           # Beta(a, a) of cutmix (ARM: 1.0); 0 = off; with mixup: either
+    ema: float = 0.0              # evaluate and save an EMA of the weights, this decay; 0 = off
     layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
     labeled: int = 500            # finetune, probe on the first N training images (0: all)
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
@@ -103,13 +107,13 @@ RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "ba
            "weight_decay", "precision")
 PRETRAIN_FLAGS = ("lr", "warmup_epochs", "min_scale", "clip_grad")
 FINETUNE_FLAGS = ("ft_lr", "ft_warmup_epochs", "ft_min_scale", "ft_drop_path", "label_smoothing",
-                  "layer_decay", "labeled")
+                  "layer_decay", "labeled", "mixup", "cutmix", "ema")
 # the model fields that fix the weights' shapes
 SHAPE_FIELDS = ("in_chans", "patch", "width", "depth", "d_state", "d_conv", "expand", "mlp_ratio")
 # number flags must be at least 0 (but --seed), model sizes at least 1; these have other limits
 AT_LEAST_1 = ("batch_size", "log_every", "eval_every")
 AT_MOST_1 = ("min_scale", "ft_min_scale", "layer_decay", "ft_drop_path", "label_smoothing",
-             "drop_path")
+             "drop_path", "ema")
 ABOVE_0 = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
 
 
@@ -718,6 +722,9 @@ def train_phase(name, model, data, args, env):
     phase.optimizer = torch.optim.AdamW(groups, betas=betas)  # the lr is set at every step
     phase.scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
     phase.gen = torch.Generator(env.device).manual_seed(args.seed)  # crops and flips, every rank
+    phase.ema = None  # the averaged weights, evaluated and saved in their place
+    if not pre and args.ema > 0:
+        phase.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
     torch.manual_seed(args.seed + env.rank)  # drop-path masks
     start = 0
     if args.resume and os.path.exists(phase.path):
@@ -759,11 +766,14 @@ def train_epoch(phase, model, epoch, data, args, env):
         idx = perm[i * B:(i + 1) * B][lo:hi]
         crops = random_crops(B, phase.gen, phase.min_scale)[lo:hi]  # drawn for all B: same stream
         x = augment(data.x[idx], crops, data)  # (B / world, C, H, W)
+        y = data.y[idx] if phase.classify else None  # (b,) labels
+        if phase.classify:
+            x, y = mix(x, y, phase.model.cfg.num_classes, args, epoch * phase.steps + i)
         with autocast(env):
             out = model(x)  # pretraining: the STAR loss; finetuning: logits (b, classes)
         loss = out
         if phase.classify:
-            loss = F.cross_entropy(out.float(), data.y[idx], label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=args.label_smoothing)
         phase.optimizer.zero_grad(set_to_none=True)
         phase.scaler.scale(loss).backward()
         if not phase.classify and args.clip_grad > 0:  # ARM clips pretraining, not finetuning
@@ -771,6 +781,8 @@ def train_epoch(phase, model, epoch, data, args, env):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         phase.scaler.step(phase.optimizer)
         phase.scaler.update()
+        if phase.ema is not None:
+            phase.ema.update_parameters(phase.model)
         losses[i] = loss.detach()
         bar.update(B)
         if (i + 1) % args.log_every == 0 or i + 1 == phase.steps:
@@ -778,6 +790,30 @@ def train_epoch(phase, model, epoch, data, args, env):
             bar.set_postfix(loss=f"{seen[-1]:.4f}", lr=f"{lr:.2e}")
     bar.close()
     return sum(seen) / len(seen), lr
+
+
+def mix(x, y, num_classes, args, step):
+    """Mixup or cutmix (ARM finetunes with both): each image and its label blended with another
+    image of the batch; one of the two per step when both are on. The draws depend on the seed and
+    step only: the same on every rank and after --resume. Off: x and y as they came."""
+    kinds = [(kind, a) for kind, a in (("mixup", args.mixup), ("cutmix", args.cutmix)) if a > 0]
+    if not kinds:
+        return x, y
+    rng = np.random.default_rng([args.seed, step])
+    kind, alpha = kinds[rng.integers(len(kinds))]
+    lam = rng.beta(alpha, alpha)  # the share of the image's own label
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)  # each image's partner
+    if kind == "mixup":
+        x = lam * x + (1 - lam) * x[perm]  # (b, C, H, W)
+    else:  # paste a square of the partner covering about 1 - lam of the image
+        side = x.shape[-1]
+        cut = round(side * math.sqrt(1 - lam))
+        top, left = rng.integers(0, side - cut + 1, size=2)
+        x = x.clone()
+        x[..., top:top + cut, left:left + cut] = x[perm, :, top:top + cut, left:left + cut]
+        lam = 1 - cut ** 2 / side ** 2  # the share actually kept
+    target = F.one_hot(y, num_classes).float()  # (b, classes)
+    return x, lam * target + (1 - lam) * target[perm]
 
 
 def lr_at(step, lr, warmup, total):
@@ -808,8 +844,8 @@ def check_losses(losses, first, epoch, phase, env):
 
 
 def evaluate_phase(phase, epoch, data, args, env):
-    """The test metrics; pretraining also draws a sample grid."""
-    metrics = evaluate(phase.model, data, args, env)
+    """The test metrics (of the EMA weights with --ema); pretraining also draws a sample grid."""
+    metrics = evaluate(phase.model if phase.ema is None else phase.ema.module, data, args, env)
     if not phase.classify and env.master:
         path = os.path.join(args.out, f"samples_{phase.name}_e{epoch:03d}.png")
         sample_grid(phase.model, data, args, env, path)
@@ -842,7 +878,8 @@ def save_checkpoint(phase, epoch, history, data, args, env):
                 "config": asdict(phase.model.cfg), "args": asdict(args),
                 "norm": [data.mean.cpu(), data.std.cpu()], "epoch": epoch,
                 "step": epoch * phase.steps, "rng": rngs, "aug_rng": phase.gen.get_state(),
-                "data_order": {"seed": args.seed, "epoch": epoch}, "history": history}
+                "data_order": {"seed": args.seed, "epoch": epoch}, "history": history,
+                "ema": None if phase.ema is None else phase.ema.state_dict()}
         try:
             torch.save(ckpt, phase.path + ".tmp")
             os.replace(phase.path + ".tmp", phase.path)
@@ -869,6 +906,8 @@ def restore(phase, args, env):
     phase.model.load_state_dict(ckpt["model"])
     phase.optimizer.load_state_dict(ckpt["optimizer"])
     phase.scaler.load_state_dict(ckpt["scaler"])
+    if phase.ema is not None:
+        phase.ema.load_state_dict(ckpt["ema"])
     phase.gen.set_state(ckpt["aug_rng"])
     if len(ckpt["rng"]) != env.world:
         log.warning(f"{phase.path} was written by {len(ckpt['rng'])} processes, now {env.world}: "
@@ -934,6 +973,8 @@ def evaluate_checkpoint(data, args, env):
     pretrained = ckpt["phase"] == "pretrain"
     model = (star.StarPretrain if pretrained else star.StarClassifier)(cfg).to(env.device)
     model.load_state_dict(ckpt["model"])
+    if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them
+        model.load_state_dict({k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
     data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
     data.std = ckpt["norm"][1].to(env.device)
     metrics = evaluate(model, data, args, env, by_slot=True)

@@ -123,8 +123,11 @@ def test_completion_keeps_upper_half_and_fills_lower_half():
     assert torch.allclose(train.complete_lower_half(model, other), done, atol=1e-5)
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    argv = ["--mode", "pretrain", "--pretrain_epochs", "2", "--drop_path", "0.2"]  # drop path: RNG state matters
+@pytest.mark.parametrize("phase, argv", [
+    ("pretrain", ["--mode", "pretrain", "--pretrain_epochs", "2", "--drop_path", "0.2"]),  # RNG
+    ("finetune", ["--mode", "finetune", "--finetune_epochs", "2", "--ema", "0.9", "--mixup", "0.8",
+                  "--cutmix", "1.0"])])  # the averaged weights and the mixing draws resume too
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, phase, argv):
     run(tmp_path / "a", *argv)
     calls = {"n": 0}
     crops = train.random_crops
@@ -139,21 +142,53 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="interrupted"):
         run(tmp_path / "b", *argv)
     # the checkpoint holds the last finished epoch; --resume repeats the interrupted one
-    ckpt = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "b" / f"{phase}.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 6)
     monkeypatch.setattr(train, "random_crops", crops)
     run(tmp_path / "b", *argv, "--resume")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rs if "phase" in r]
-    a = torch.load(tmp_path / "a" / "pretrain.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / f"{phase}.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / f"{phase}.pt", weights_only=False)
+    assert (a["ema"] is None) == (phase == "pretrain")
+    weights = [(a["model"], b["model"])] + ([(a["ema"], b["ema"])] if a["ema"] else [])
     if not torch.cuda.is_available():  # the CPU: bit-identical losses and weights
         assert strip(records(tmp_path / "a")) == strip(records(tmp_path / "b"))
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        for wa, wb in weights:
+            assert all(torch.equal(wa[k], wb[k]) for k in wa)
     else:  # a GPU: the CUDA scan's backward and cuBLAS sums are not deterministic; float noise only
         pairs = zip(strip(records(tmp_path / "a")), strip(records(tmp_path / "b")), strict=True)
         for ra, rb in pairs:
             assert rb == pytest.approx(ra, rel=1e-3, abs=1e-5)
-        torch.testing.assert_close(b["model"], a["model"], rtol=1e-3, atol=1e-5)
+        for wa, wb in weights:
+            torch.testing.assert_close(wb, wa, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [{"mixup": 0.8}, {"cutmix": 1.0}, {"mixup": 0.8, "cutmix": 1.0}])
+def test_mix_blends_images_and_labels_alike(flags):
+    args = SimpleNamespace(seed=0, **({"mixup": 0.0, "cutmix": 0.0} | flags))
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16)  # image i: every pixel i
+    y = torch.arange(8)
+    for step in range(20):
+        xm, t = train.mix(x, y, 8, args, step)
+        assert t.shape == (8, 8) and torch.allclose(t.sum(1), torch.ones(8))
+        # the label shares are the pixel shares: the mean pixel of image i is its labels' mean
+        torch.testing.assert_close(xm.mean((1, 2, 3)), t @ torch.arange(8.0))
+        assert torch.equal(train.mix(x, y, 8, args, step)[0], xm)  # the step decides the draws
+    off = SimpleNamespace(seed=0, mixup=0.0, cutmix=0.0)
+    assert all(a is b for a, b in zip(train.mix(x, y, 8, off, 0), (x, y)))
+
+
+def test_eval_of_a_finetuning_checkpoint_uses_its_ema_weights(tmp_path, capsys):
+    run(tmp_path / "ft", "--mode", "finetune", "--ema", "0.5", "--eval_every", "1")
+    logged = [r for r in records(tmp_path / "ft") if "test_acc" in r][-1]
+    ckpt = tmp_path / "ft" / "finetune.pt"
+    result = run(tmp_path / "ev", "--mode", "eval", "--init", str(ckpt))
+    assert result["test_acc"] == logged["test_acc"]
+    assert result["test_loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["ema"]["n_averaged"] == 6  # one update per step
+    head = saved["model"]["head.weight"]
+    assert not torch.allclose(saved["ema"]["module.head.weight"], head)  # averaged, not a copy
 
 
 def write_npz(path, x, y):
