@@ -109,6 +109,28 @@ __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 thre
   return v;
 }
 
+// The staged tile in shared memory, rows of TP floats: u, dt, g1 and g2 of the 16 channels, then
+// B and C of the 16 NS states. g1 is silu(z) in the forward (1 without z), dy = dout silu(z) in
+// the backward; g2, backward only, is dout silu'(z), so that dz = y g2.
+struct Smem {
+  float *u, *dt, *g1, *g2, *B, *C;
+  float* hsub;  // backward: each sub-tile's first state (SUBS, NS, THREADS)
+  float* red;   // backward: dB, dC of each warp (WARPS, 32 NS, 16 steps)
+  __host__ __device__ static size_t bytes(int ns, bool bwd) {
+    const size_t tiles = ((bwd ? 4 : 3) * CH + 2 * ns * LANES) * TP;
+    return (tiles + (bwd ? SUBS * ns * THREADS + WARPS * 32 * ns * RP : 0)) * sizeof(float);
+  }
+  __device__ Smem(float4* s, int ns, bool bwd) : u(reinterpret_cast<float*>(s)) {
+    dt = u + CH * TP;
+    g1 = dt + CH * TP;
+    g2 = g1 + CH * TP;
+    B = bwd ? g2 + CH * TP : g2;
+    C = B + ns * LANES * TP;
+    hsub = C + ns * LANES * TP;
+    red = hsub + SUBS * ns * THREADS;
+  }
+};
+
 // Which channel and states a thread owns.
 struct Slot {
   int tid, row, lane, bi, gi, c;
@@ -170,8 +192,7 @@ struct TileLoad {
   // Into shared memory: u, dt (bias and softplus applied), B, C, and per step either the gate
   // silu(z) (forward: g1) or dout silu(z) and dout silu'(z) (backward: g1, g2). Steps past the
   // end get zeros, which makes them a no-op: exp(0 A) = 1 and 0 B u = 0.
-  __device__ void store(const Params& p, const Slot& s, int t0, float* u_s, float* dt_s,
-                        float* g1_s, float* g2_s, float* B_s, float* C_s) const {
+  __device__ void store(const Params& p, const Slot& s, int t0, const Smem& m) const {
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
       const int j = s.lane + LANES * i;
@@ -182,17 +203,17 @@ struct TileLoad {
       const float sz = sigmoid(zf);
       float dt = float(delta[i]) + bias;
       if (p.softplus) dt = softplus(dt);
-      u_s[at] = float(u[i]);
-      dt_s[at] = ok ? dt : 0.f;
-      if (!BWD) g1_s[at] = p.z ? zf * sz : 1.f;
-      if (BWD) g1_s[at] = p.z ? dof * zf * sz : dof;
-      if (BWD) g2_s[at] = p.z ? dof * sz * (1.f + zf * (1.f - sz)) : 0.f;
+      m.u[at] = float(u[i]);
+      m.dt[at] = ok ? dt : 0.f;
+      if (!BWD) m.g1[at] = p.z ? zf * sz : 1.f;
+      if (BWD) m.g1[at] = p.z ? dof * zf * sz : dof;
+      if (BWD) m.g2[at] = p.z ? dof * sz * (1.f + zf * (1.f - sz)) : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {
       const int e = s.tid + THREADS * i;
-      B_s[e / TILE * TP + e % TILE] = B[i];
-      C_s[e / TILE * TP + e % TILE] = C[i];
+      m.B[e / TILE * TP + e % TILE] = B[i];
+      m.C[e / TILE * TP + e % TILE] = C[i];
     }
   }
 };
@@ -201,18 +222,17 @@ struct TileLoad {
 // state in hs (hs[s][k] = state before step k) and the decays exp(dt A) in as, and the thread's
 // part of y_t = sum_n C h in yk.
 template <int NS, bool KEEP>
-__device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS], const float* u_s,
-                                          const float* dt_s, const float* B_s, const float* C_s,
+__device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS], const Smem& m,
                                           const Slot& s, int j0, float (&hs)[NS][SUB + 1],
                                           float (&as)[NS][SUB], float (&yk)[SUB]) {
 #pragma unroll
   for (int k4 = 0; k4 < SUB; k4 += 4) {
-    const float4 dt4 = ld4(dt_s + s.row * TP + j0 + k4);
-    const float4 u4 = ld4(u_s + s.row * TP + j0 + k4);
+    const float4 dt4 = ld4(m.dt + s.row * TP + j0 + k4);
+    const float4 u4 = ld4(m.u + s.row * TP + j0 + k4);
     float4 B4[NS], C4[NS];
     for (int i = 0; i < NS; ++i) {
-      B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
-      if (KEEP) C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
+      B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
+      if (KEEP) C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -242,11 +262,7 @@ template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float 
 template <typename T, int NS>
 __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   extern __shared__ float4 smem4[];
-  float* u_s = reinterpret_cast<float*>(smem4);  // (16 channels, 64 steps) each
-  float* dt_s = u_s + CH * TP;
-  float* gate_s = dt_s + CH * TP;                 // silu(z), 1 without z
-  float* B_s = gate_s + CH * TP;                  // (16 NS states, 64 steps) each
-  float* C_s = B_s + NS * LANES * TP;
+  const Smem m(smem4, NS, false);
   const Slot s(p);
   float A2[NS], h[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
   load_A2(p, s, A2);
@@ -258,17 +274,17 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   next.load(p, s, 0);
   for (int tile = 0; tile < p.ntiles; ++tile) {
     const int t0 = tile * TILE;
-    next.store(p, s, t0, u_s, dt_s, gate_s, nullptr, B_s, C_s);
+    next.store(p, s, t0, m);
     __syncthreads();
     if (tile + 1 < p.ntiles) next.load(p, s, t0 + TILE);
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (t0 + sub * SUB >= p.len) break;
-      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
+      run_steps<NS, true>(h, A2, m, s, sub * SUB, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);
       const int at = s.row * TP + sub * SUB + s.lane;
       const int t = t0 + sub * SUB + s.lane;
-      if (s.valid && t < p.len) out[base + t] = T((y + D * u_s[at]) * gate_s[at]);
+      if (s.valid && t < p.len) out[base + t] = T((y + D * m.u[at]) * m.g1[at]);
     }
     // checkpoint: every tile's final state for the backward, or only the last one (last_state)
     if (p.save_all || tile == p.ntiles - 1) {
@@ -284,14 +300,7 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
 template <typename T, int NS>
 __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   extern __shared__ float4 smem4[];
-  float* u_s = reinterpret_cast<float*>(smem4);  // (16 channels, 64 steps) each
-  float* dt_s = u_s + CH * TP;
-  float* dy_s = dt_s + CH * TP;                   // dout silu(z)
-  float* fz_s = dy_s + CH * TP;                   // dout silu'(z), so that dz = y fz
-  float* B_s = fz_s + CH * TP;                    // (16 NS states, 64 steps) each
-  float* C_s = B_s + NS * LANES * TP;
-  float* hsub_s = C_s + NS * LANES * TP;          // each sub-tile's first state (SUBS, NS, THREADS)
-  float* red_s = hsub_s + SUBS * NS * THREADS;    // dB, dC of each warp (WARPS, 32 NS, 16 steps)
+  const Smem m(smem4, NS, true);
   const Slot s(p);
   const int warp = s.tid / 32;
   const int wl = s.tid % 32;
@@ -312,7 +321,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   s.tile_start(p, p.ntiles - 1, h_next);
   for (int tile = p.ntiles - 1; tile >= 0; --tile) {
     const int t0 = tile * TILE;
-    next.store(p, s, t0, u_s, dt_s, dy_s, fz_s, B_s, C_s);
+    next.store(p, s, t0, m);
     for (int i = 0; i < NS; ++i) h[i] = h_next[i];
     __syncthreads();
     if (tile > 0) {
@@ -324,16 +333,16 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (sub >= nsub) break;
-      for (int i = 0; i < NS; ++i) hsub_s[(sub * NS + i) * THREADS + s.tid] = h[i];
+      for (int i = 0; i < NS; ++i) m.hsub[(sub * NS + i) * THREADS + s.tid] = h[i];
       if (sub + 1 < nsub)
-        run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
+        run_steps<NS, false>(h, A2, m, s, sub * SUB, hs, as, yk);
     }
     // pass 2: sub-tiles last to first; redo the 16 steps keeping states, then walk them backwards
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
       const int row = s.row * TP + j0;  // this channel's row in the staged tile
-      for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];
-      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, j0, hs, as, yk);
+      for (int i = 0; i < NS; ++i) h[i] = m.hsub[(sub * NS + i) * THREADS + s.tid];
+      run_steps<NS, true>(h, A2, m, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
       float pdu[SUB], pdd[SUB], vb[NS][4];
       float4 dt4, u4, dy4, B4[NS], C4[NS];
@@ -342,12 +351,12 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         const int q = k % 4;
         const int k4 = k - q;
         if (q == 3) {
-          dt4 = ld4(dt_s + row + k4);
-          u4 = ld4(u_s + row + k4);
-          dy4 = ld4(dy_s + row + k4);
+          dt4 = ld4(m.dt + row + k4);
+          u4 = ld4(m.u + row + k4);
+          dy4 = ld4(m.g1 + row + k4);
           for (int i = 0; i < NS; ++i) {
-            B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
-            C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
+            B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
+            C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
           }
         }
         const float dt = comp(dt4, q);
@@ -372,7 +381,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         pdd[k] = sum_xAh;
         if (q == 0)
           for (int i = 0; i < NS; ++i) {
-            float* dst = red_s + (warp * 32 * NS + 32 * i + wl) * RP + k4;
+            float* dst = m.red + (warp * 32 * NS + 32 * i + wl) * RP + k4;
             *reinterpret_cast<float4*>(dst) = make_float4(vb[i][0], vb[i][1], vb[i][2], vb[i][3]);
           }
       }
@@ -380,14 +389,14 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
       const float sxAh = reduce_scatter(pdd, s.lane) / LOG2E;
       const int t = t0 + j0 + s.lane;
       if (s.valid && t < p.len) {
-        const float dt = dt_s[row + s.lane];
-        const float u = u_s[row + s.lane];
-        const float dy = dy_s[row + s.lane];
+        const float dt = m.dt[row + s.lane];
+        const float u = m.u[row + s.lane];
+        const float dy = m.g1[row + s.lane];
         float ddt = u * sxB + sxAh;
         if (p.softplus) ddt *= -expm1f(-dt);  // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
         static_cast<T*>(p.du)[base + t] = T(dt * sxB + D * dy);
         static_cast<T*>(p.ddelta)[base + t] = T(ddt);
-        if (p.z) static_cast<T*>(p.dz)[base + t] = T((y + D * u) * fz_s[row + s.lane]);
+        if (p.z) static_cast<T*>(p.dz)[base + t] = T((y + D * u) * m.g2[row + s.lane]);
         dD += dy * u;
         dbias += ddt;
       }
@@ -399,7 +408,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         const int n = col % 16 + 16 * (col / 32);
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int w = 0; w < WARPS; ++w) {
-          const float4 v = ld4(red_s + (w * 32 * NS + col) * RP + k4);
+          const float4 v = ld4(m.red + (w * 32 * NS + col) * RP + k4);
           acc.x += v.x;
           acc.y += v.y;
           acc.z += v.z;
@@ -432,19 +441,13 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
 
 // ---------------------------------------------------------------- host side
 
-static size_t fwd_smem(int ns) { return size_t(3 * CH + 2 * ns * LANES) * TP * sizeof(float); }
-static size_t bwd_smem(int ns) {
-  const size_t floats = (4 * CH + 2 * ns * LANES) * TP + SUBS * ns * THREADS + WARPS * 32 * ns * RP;
-  return floats * sizeof(float);
-}
-
 template <typename T, int NS = 1>
 static void launch(const Params& p, bool backward) {
   if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
     if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
   const dim3 grid((p.dgroup + CH - 1) / CH, p.groups, p.batch);
   auto kernel = backward ? scan_bwd_kernel<T, NS> : scan_fwd_kernel<T, NS>;
-  const int smem = int(backward ? bwd_smem(NS) : fwd_smem(NS));
+  const int smem = int(Smem::bytes(NS, backward));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", std::to_string(smem),
               " bytes of shared memory not available: ", cudaGetErrorString(err));
@@ -459,12 +462,13 @@ static void run(const Params& p, at::ScalarType dtype, bool backward) {
   else launch<c10::Half>(p, backward);
 }
 
-// Error messages are built from strings only: with the GPU machine's toolchain, streaming an
-// integer into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
+// Messages are built from strings only: with the GPU machine's toolchain, streaming an integer
+// into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
+static std::string str(int64_t v) { return std::to_string(v); }
 static std::string shape_str(at::IntArrayRef shape) {  // "(2, 16, *)", * for any size
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i)
-    s += (i ? ", " : "") + (shape[i] < 0 ? "*" : std::to_string(shape[i]));
+    s += (i ? ", " : "") + (shape[i] < 0 ? "*" : str(shape[i]));
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
@@ -477,12 +481,11 @@ static void check(const at::Tensor& x, const char* name, const at::Device& dev,
               ", got ", x.scalar_type(), " ", shape_str(x.sizes()));
   TORCH_CHECK(x.device() == dev, "selective_scan: ", name, " must be on ", dev, " like u, got ",
               x.device());
-  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name,
-              " must be contiguous (call .contiguous())");
+  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name, " must be contiguous");
 }
 
 using Opt = std::optional<at::Tensor>;
-static std::string str(int64_t v) { return std::to_string(v); }
+static float* fptr(const Opt& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 // Checks every input and fills the fields both directions share.
 static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -493,8 +496,7 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "selective_scan: u must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(u.dim() == 3 && u.numel() > 0,
-              "selective_scan: u must be a non-empty (b, d, l), got ",
-              shape_str(u.sizes()));
+              "selective_scan: u must be a non-empty (b, d, l), got ", shape_str(u.sizes()));
   const int64_t b = u.size(0);
   const int64_t d = u.size(1);
   const int64_t l = u.size(2);
@@ -518,9 +520,8 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
                 .dgroup = int(d / g), .ntiles = ntiles, .lpad = ntiles * TILE,
                 .softplus = delta_softplus, .u = u.data_ptr(), .delta = delta.data_ptr(),
                 .z = z ? z->data_ptr() : nullptr, .A = A.data_ptr<float>(),
-                .B = B.data_ptr<float>(),
-                .C = C.data_ptr<float>(), .D = D ? D->data_ptr<float>() : nullptr,
-                .bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr};
+                .B = B.data_ptr<float>(), .C = C.data_ptr<float>(), .D = fptr(D),
+                .bias = fptr(delta_bias)};
 }
 
 // Returns (out, ckpt): ckpt is the state after each 64-step tile, (b, d, ceil(l / 64), n) float32,
@@ -532,7 +533,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
   at::Tensor out = at::empty(u.sizes(), u.options());
-  at::Tensor ckpt = at::empty({u.size(0), u.size(1), save_all ? p.ntiles : 1, A.size(1)}, f32);
+  at::Tensor ckpt = at::empty({p.batch, p.dim, save_all ? p.ntiles : 1, p.dstate}, f32);
   p.save_all = save_all;
   p.out = out.data_ptr();
   p.ckpt = ckpt.data_ptr<float>();
@@ -547,26 +548,25 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
                             const Opt& delta_bias, bool delta_softplus, const at::Tensor& dout,
                             const at::Tensor& ckpt, const Opt& dlast) {
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-  const int64_t b = u.size(0);
-  const int64_t d = u.size(1);
-  const int64_t n = A.size(1);
-  check(dout, "dout", u.device(), u.scalar_type(), {b, d, u.size(2)});
+  const int64_t d = p.dim;
+  check(dout, "dout", u.device(), u.scalar_type(), u.sizes().vec());
   check(ckpt, "ckpt (the checkpoints of fwd(save_all=True))", u.device(), at::kFloat,
-        {b, d, p.ntiles, n});
-  if (dlast) check(*dlast, "the gradient of last_state", u.device(), at::kFloat, {b, d, n});
+        {p.batch, d, p.ntiles, p.dstate});
+  if (dlast) check(*dlast, "the gradient of last_state", u.device(), at::kFloat,
+                   {p.batch, d, p.dstate});
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
   at::Tensor dz = at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options());
-  at::Tensor dA = at::zeros(A.sizes(), f32);
+  at::Tensor dA = at::zeros(A.sizes(), f32);  // the float32 sums below are atomicAdd targets
   at::Tensor dD = at::zeros({d}, f32);
   at::Tensor dbias = at::zeros({d}, f32);
-  at::Tensor dB = at::zeros({B.size(0), B.size(1), n, p.lpad}, f32);
-  at::Tensor dC = at::zeros({B.size(0), B.size(1), n, p.lpad}, f32);
+  at::Tensor dB = at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32);
+  at::Tensor dC = at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32);
   p.dout = dout.data_ptr();
   p.ckpt = ckpt.data_ptr<float>();
-  p.dlast = dlast ? dlast->data_ptr<float>() : nullptr;
+  p.dlast = fptr(dlast);
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
   p.dz = z ? dz.data_ptr() : nullptr;
