@@ -90,18 +90,15 @@ __device__ __forceinline__ float4 ld4(const float* p) {
 // v[k] holds this thread's part of step k; leaves in v[0] the sum over the channel's 16 threads
 // for step `lane`. Each round (O = 8, 4, 2, 1) halves the steps a thread is responsible for:
 // it keeps the half its bit O selects and swaps the other half with the thread O lanes away.
-template <int O>
-__device__ __forceinline__ void reduce_scatter_round(float (&v)[SUB], int lane) {
+template <int O = SUB / 2>
+__device__ __forceinline__ float reduce_scatter(float (&v)[SUB], int lane) {
   const bool hi = lane & O;
   for (int i = 0; i < O; ++i) {
     const float send = hi ? v[i] : v[i + O];
     const float keep = hi ? v[i + O] : v[i];
     v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
-  if constexpr (O > 1) reduce_scatter_round<O / 2>(v, lane);
-}
-__device__ __forceinline__ float reduce_scatter(float (&v)[SUB], int lane) {
-  reduce_scatter_round<SUB / 2>(v, lane);
+  if constexpr (O > 1) return reduce_scatter<O / 2>(v, lane);
   return v[0];
 }
 __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 threads of a channel
@@ -259,8 +256,7 @@ template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float 
     A2[i] = s.has(p, i) ? p.A[size_t(s.c) * p.dstate + s.lane + LANES * i] * LOG2E : 0.f;
 }
 
-template <typename T, int NS>
-__global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
+template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   extern __shared__ float4 smem4[];
   const Smem m(smem4, NS, false);
   const Slot s(p);
@@ -297,8 +293,7 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   }
 }
 
-template <typename T, int NS>
-__global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
+template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   extern __shared__ float4 smem4[];
   const Smem m(smem4, NS, true);
   const Slot s(p);
@@ -581,10 +576,6 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selective scan (Mamba S6) forward and backward kernels for star.py";
-  m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"),
-        py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
-        py::arg("delta_softplus"), py::arg("save_all"));
-  m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"),
-        py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
-        py::arg("delta_softplus"), py::arg("dout"), py::arg("ckpt"), py::arg("dlast"));
+  m.def("fwd", &fwd, "selective scan forward: (out, ckpt), arguments as fwd above");
+  m.def("bwd", &bwd, "selective scan backward: the gradients, arguments as bwd above");
 }

@@ -189,8 +189,8 @@ from star import _cuda_kernel
 ext = _cuda_kernel()[0]
 b, d, l, n = 2, 32, 50, 16
 u, A, B = torch.randn(b, d, l, device="cuda"), -torch.rand(d, n, device="cuda"), torch.randn(b, 1, n, l, device="cuda")
-fwd = lambda **kw: ext.fwd(**{**dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None,
-                                     delta_softplus=True, save_all=True), **kw})
+args = dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None, delta_softplus=True, save_all=True)
+fwd = lambda **kw: ext.fwd(*{**args, **kw}.values())  # positional, in fwd's order, kw replacing some
 out, ckpt = fwd()
 cases = dict(cpu=lambda: fwd(u=u.cpu()), double=lambda: fwd(u=u.double(), delta=u.double()),
              delta=lambda: fwd(delta=u.half()), z=lambda: fwd(z=u[..., :40].contiguous()),
