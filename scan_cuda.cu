@@ -481,6 +481,10 @@ static void check(const at::Tensor& x, const char* name, const at::Device& dev,
 
 using Opt = std::optional<at::Tensor>;
 static float* fptr(const Opt& t) { return t ? t->data_ptr<float>() : nullptr; }
+template <typename P> static at::Tensor bind(P*& field, at::Tensor t) {  // t, the kernel's output
+  field = static_cast<P*>(t.data_ptr());
+  return t;
+}
 
 // Checks every input and fills the fields both directions share.
 static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -527,11 +531,10 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor out = at::empty(u.sizes(), u.options());
-  at::Tensor ckpt = at::empty({p.batch, p.dim, save_all ? p.ntiles : 1, p.dstate}, f32);
+  const int64_t kept = save_all ? p.ntiles : 1;
+  at::Tensor out = bind(p.out, at::empty(u.sizes(), u.options()));
+  at::Tensor ckpt = bind(p.ckpt, at::empty({p.batch, p.dim, kept, p.dstate}, f32));
   p.save_all = save_all;
-  p.out = out.data_ptr();
-  p.ckpt = ckpt.data_ptr<float>();
   run(p, u.scalar_type(), false);
   return {out, ckpt};
 }
@@ -543,33 +546,25 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
                             const Opt& delta_bias, bool delta_softplus, const at::Tensor& dout,
                             const at::Tensor& ckpt, const Opt& dlast) {
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-  const int64_t d = p.dim;
   check(dout, "dout", u.device(), u.scalar_type(), u.sizes().vec());
   check(ckpt, "ckpt (the checkpoints of fwd(save_all=True))", u.device(), at::kFloat,
-        {p.batch, d, p.ntiles, p.dstate});
+        {p.batch, p.dim, p.ntiles, p.dstate});
   if (dlast) check(*dlast, "the gradient of last_state", u.device(), at::kFloat,
-                   {p.batch, d, p.dstate});
-  const c10::cuda::CUDAGuard guard(u.device());
-  const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor du = at::empty(u.sizes(), u.options());
-  at::Tensor ddelta = at::empty(u.sizes(), u.options());
-  at::Tensor dz = at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options());
-  at::Tensor dA = at::zeros(A.sizes(), f32);  // the float32 sums below are atomicAdd targets
-  at::Tensor dD = at::zeros({d}, f32);
-  at::Tensor dbias = at::zeros({d}, f32);
-  at::Tensor dB = at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32);
-  at::Tensor dC = at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32);
+                   {p.batch, p.dim, p.dstate});
   p.dout = dout.data_ptr();
   p.ckpt = ckpt.data_ptr<float>();
   p.dlast = fptr(dlast);
-  p.du = du.data_ptr();
-  p.ddelta = ddelta.data_ptr();
-  p.dz = z ? dz.data_ptr() : nullptr;
-  p.dA = dA.data_ptr<float>();
-  p.dB = dB.data_ptr<float>();
-  p.dC = dC.data_ptr<float>();
-  p.dD = dD.data_ptr<float>();
-  p.dbias = dbias.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor du = bind(p.du, at::empty(u.sizes(), u.options()));
+  at::Tensor ddelta = bind(p.ddelta, at::empty(u.sizes(), u.options()));
+  at::Tensor dz = bind(p.dz, at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options()));
+  // the float32 sums start at zero: the kernel adds into them with atomicAdd
+  at::Tensor dA = bind(p.dA, at::zeros(A.sizes(), f32));
+  at::Tensor dB = bind(p.dB, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dC = bind(p.dC, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dD = bind(p.dD, at::zeros({p.dim}, f32));
+  at::Tensor dbias = bind(p.dbias, at::zeros({p.dim}, f32));
   run(p, u.scalar_type(), true);
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
