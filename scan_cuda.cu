@@ -1,7 +1,7 @@
 /*
- * scan_cuda.cu: the selective scan of Mamba (S6), forward and backward, for star.py.
- * Same function as state-spaces/mamba selective_scan_ref (real weights); star.py loads it with
- * torch.utils.cpp_extension.load and falls back to PyTorch when it can't.
+ * scan_cuda.cu: the selective scan of Mamba (S6), forward and backward, for star.py, which loads it
+ * with torch.utils.cpp_extension.load and falls back to PyTorch when it can't. Same function as
+ * state-spaces/mamba selective_scan_ref (real weights).
  *
  * The recurrence, for each batch b, channel d and state n, all math in float32:
  *     dt_t   = softplus(delta_t + delta_bias)                    (softplus optional)
@@ -24,24 +24,21 @@
  *     n = lane, lane + 16, ... (NS of them: NS = 1, 2, 4 for n <= 16, 32, 64) in registers and
  *     walks the whole sequence step by step. There is no parallel scan over l: b * d * 16
  *     threads already fill the GPU at the shapes we train with.
- *   - time goes in tiles of 64 steps: the block stages u, dt, B and C of a tile in shared
- *     memory with coalesced loads along l (issued one tile ahead, into registers in the input
- *     dtype, converted only when stored, so that the loads overlap the work); B and C are
- *     loaded once for all 16 channels.
+ *   - time goes in tiles of 64 steps: the block stages u, dt, B and C of a tile in shared memory
+ *     (B and C once for all 16 channels), loading the next tile while it works on this one.
  *   - y_t = sum_n C_t h_t is a sum across the 16 threads of a channel. Each thread keeps its
  *     part of 16 steps, then a butterfly reduce-scatter (15 shuffles) leaves the whole y of
  *     step `lane` at thread `lane`: about one shuffle per step instead of four.
  *
- * Why the backward recomputes: it needs h_{t-1} at every step while walking backwards.
- * Storing all of h is a (b, d, l, n) tensor, n times the size of u, and running the
- * recurrence backwards (h_{t-1} = (h_t - dt B u) / exp(dt A)) divides by an exponential that
- * underflows to 0. So the forward saves h at the end of each 64-step tile, (b, d, l/64, n),
- * and the backward redoes each tile forward from its checkpoint: once to find the state
- * every 16 steps, then 16 steps at a time keeping h and exp(dt A) in registers, which it
- * then walks backwards. That costs two exponentials per element and 1/64 of the states' memory.
- * dB and dC are sums over channels: a warp adds its two channels with one shuffle, the block
- * adds its 8 warps in shared memory, and one float4 atomicAdd per 4 steps adds the block's
- * share to a float32 buffer. dA, dD and ddelta_bias take one atomicAdd per thread at the end.
+ * Why the backward recomputes: it needs h_{t-1} at every step while walking backwards. Storing
+ * all of h is a (b, d, l, n) tensor, n times the size of u, and running the recurrence backwards
+ * (h_{t-1} = (h_t - dt B u) / exp(dt A)) divides by an exponential that underflows to 0. So the
+ * forward saves h at the end of each 64-step tile, (b, d, l/64, n), and the backward redoes each
+ * tile forward from its checkpoint: once to find the state every 16 steps, then 16 steps at a
+ * time keeping h and exp(dt A) in registers, which it then walks backwards. That costs two
+ * exponentials per element and 1/64 of the states' memory. dB and dC are sums over channels,
+ * added per warp, then per block in shared memory, then into float32 with one float4 atomicAdd
+ * per 4 steps; dA, dD and ddelta_bias take one atomicAdd per thread at the end.
  */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -132,9 +129,8 @@ struct Smem {
 struct Slot {
   int tid, row, lane, bi, gi, c;
   bool valid;  // channel exists (d / g need not be a multiple of 16)
-  __device__ Slot(const Params& p) : tid(threadIdx.x), bi(blockIdx.z), gi(blockIdx.y) {
-    row = tid / LANES;
-    lane = tid % LANES;
+  __device__ Slot(const Params& p)
+      : tid(threadIdx.x), row(tid / LANES), lane(tid % LANES), bi(blockIdx.z), gi(blockIdx.y) {
     const int cg = blockIdx.x * CH + row;
     valid = cg < p.dgroup;
     c = gi * p.dgroup + (valid ? cg : 0);
