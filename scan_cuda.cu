@@ -432,8 +432,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
 
 // ---------------------------------------------------------------- host side
 
-template <typename T, int NS = 1>
-static void launch(const Params& p, bool backward) {
+template <typename T, int NS = 1> static void launch(const Params& p, bool backward) {
   if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
     if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
   const dim3 grid((p.dgroup + CH - 1) / CH, p.groups, p.batch);
@@ -472,7 +471,8 @@ static void check(const at::Tensor& x, const char* name, const at::Device& dev,
               ", got ", x.scalar_type(), " ", shape_str(x.sizes()));
   TORCH_CHECK(x.device() == dev, "selective_scan: ", name, " must be on ", dev, " like u, got ",
               x.device());
-  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name, " must be contiguous");
+  TORCH_CHECK(x.is_contiguous(), "selective_scan: ", name,
+              " must be contiguous (call .contiguous())");
 }
 
 using Opt = std::optional<at::Tensor>;
