@@ -1,7 +1,7 @@
 /*
- * scan_cuda.cu: the selective scan of Mamba (S6), forward and backward, for star.py.
- * Same function as state-spaces/mamba selective_scan_ref (real weights); star.py loads it with
- * torch.utils.cpp_extension.load and falls back to PyTorch when it can't.
+ * scan_cuda.cu: the selective scan of Mamba (S6), forward and backward, for star.py, which loads it
+ * with torch.utils.cpp_extension.load and falls back to PyTorch when it can't. Same function as
+ * state-spaces/mamba selective_scan_ref (real weights).
  *
  * The recurrence, for each batch b, channel d and state n, all math in float32:
  *     dt_t   = softplus(delta_t + delta_bias)                    (softplus optional)
@@ -24,24 +24,21 @@
  *     n = lane, lane + 16, ... (NS of them: NS = 1, 2, 4 for n <= 16, 32, 64) in registers and
  *     walks the whole sequence step by step. There is no parallel scan over l: b * d * 16
  *     threads already fill the GPU at the shapes we train with.
- *   - time goes in tiles of 64 steps: the block stages u, dt, B and C of a tile in shared
- *     memory with coalesced loads along l (issued one tile ahead, into registers in the input
- *     dtype, converted only when stored, so that the loads overlap the work); B and C are
- *     loaded once for all 16 channels.
+ *   - time goes in tiles of 64 steps: the block stages u, dt, B and C of a tile in shared memory
+ *     (B and C once for all 16 channels), loading the next tile while it works on this one.
  *   - y_t = sum_n C_t h_t is a sum across the 16 threads of a channel. Each thread keeps its
  *     part of 16 steps, then a butterfly reduce-scatter (15 shuffles) leaves the whole y of
  *     step `lane` at thread `lane`: about one shuffle per step instead of four.
  *
- * Why the backward recomputes: it needs h_{t-1} at every step while walking backwards.
- * Storing all of h is a (b, d, l, n) tensor, n times the size of u, and running the
- * recurrence backwards (h_{t-1} = (h_t - dt B u) / exp(dt A)) divides by an exponential that
- * underflows to 0. So the forward saves h at the end of each 64-step tile, (b, d, l/64, n),
- * and the backward redoes each tile forward from its checkpoint: once to find the state
- * every 16 steps, then 16 steps at a time keeping h and exp(dt A) in registers, which it
- * then walks backwards. That costs two exponentials per element and 1/64 of the states' memory.
- * dB and dC are sums over channels: a warp adds its two channels with one shuffle, the block
- * adds its 8 warps in shared memory, and one float4 atomicAdd per 4 steps adds the block's
- * share to a float32 buffer. dA, dD and ddelta_bias take one atomicAdd per thread at the end.
+ * Why the backward recomputes: it needs h_{t-1} at every step while walking backwards. Storing
+ * all of h is a (b, d, l, n) tensor, n times the size of u, and running the recurrence backwards
+ * (h_{t-1} = (h_t - dt B u) / exp(dt A)) divides by an exponential that underflows to 0. So the
+ * forward saves h at the end of each 64-step tile, (b, d, l/64, n), and the backward redoes each
+ * tile forward from its checkpoint: once to find the state every 16 steps, then 16 steps at a
+ * time keeping h and exp(dt A) in registers, which it then walks backwards. That costs two
+ * exponentials per element and 1/64 of the states' memory. dB and dC are sums over channels,
+ * added per warp, then per block in shared memory, then into float32 with one float4 atomicAdd
+ * per 4 steps; dA, dD and ddelta_bias take one atomicAdd per thread at the end.
  */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -90,18 +87,15 @@ __device__ __forceinline__ float4 ld4(const float* p) {
 // v[k] holds this thread's part of step k; leaves in v[0] the sum over the channel's 16 threads
 // for step `lane`. Each round (O = 8, 4, 2, 1) halves the steps a thread is responsible for:
 // it keeps the half its bit O selects and swaps the other half with the thread O lanes away.
-template <int O>
-__device__ __forceinline__ void reduce_scatter_round(float (&v)[SUB], int lane) {
+template <int O = SUB / 2>
+__device__ __forceinline__ float reduce_scatter(float (&v)[SUB], int lane) {
   const bool hi = lane & O;
   for (int i = 0; i < O; ++i) {
     const float send = hi ? v[i] : v[i + O];
     const float keep = hi ? v[i + O] : v[i];
     v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
-  if constexpr (O > 1) reduce_scatter_round<O / 2>(v, lane);
-}
-__device__ __forceinline__ float reduce_scatter(float (&v)[SUB], int lane) {
-  reduce_scatter_round<SUB / 2>(v, lane);
+  if constexpr (O > 1) return reduce_scatter<O / 2>(v, lane);
   return v[0];
 }
 __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 threads of a channel
@@ -109,13 +103,34 @@ __device__ __forceinline__ float channel_sum(float v) {  // sum over the 16 thre
   return v;
 }
 
+// The staged tile in shared memory, rows of TP floats: u, dt, g1 and g2 of the 16 channels, then
+// B and C of the 16 NS states. g1 is silu(z) in the forward (1 without z), dy = dout silu(z) in
+// the backward; g2, backward only, is dout silu'(z), so that dz = y g2.
+struct Smem {
+  float *u, *dt, *g1, *g2, *B, *C;
+  float* hsub;  // backward: each sub-tile's first state (SUBS, NS, THREADS)
+  float* red;   // backward: dB, dC of each warp (WARPS, 32 NS, 16 steps)
+  __host__ __device__ static size_t bytes(int ns, bool bwd) {
+    const size_t tiles = ((bwd ? 4 : 3) * CH + 2 * ns * LANES) * TP;
+    return (tiles + (bwd ? SUBS * ns * THREADS + WARPS * 32 * ns * RP : 0)) * sizeof(float);
+  }
+  __device__ Smem(float4* s, int ns, bool bwd) : u(reinterpret_cast<float*>(s)) {
+    dt = u + CH * TP;
+    g1 = dt + CH * TP;
+    g2 = g1 + CH * TP;
+    B = bwd ? g2 + CH * TP : g2;
+    C = B + ns * LANES * TP;
+    hsub = C + ns * LANES * TP;
+    red = hsub + SUBS * ns * THREADS;
+  }
+};
+
 // Which channel and states a thread owns.
 struct Slot {
   int tid, row, lane, bi, gi, c;
   bool valid;  // channel exists (d / g need not be a multiple of 16)
-  __device__ Slot(const Params& p) : tid(threadIdx.x), bi(blockIdx.z), gi(blockIdx.y) {
-    row = tid / LANES;
-    lane = tid % LANES;
+  __device__ Slot(const Params& p)
+      : tid(threadIdx.x), row(tid / LANES), lane(tid % LANES), bi(blockIdx.z), gi(blockIdx.y) {
     const int cg = blockIdx.x * CH + row;
     valid = cg < p.dgroup;
     c = gi * p.dgroup + (valid ? cg : 0);
@@ -170,8 +185,7 @@ struct TileLoad {
   // Into shared memory: u, dt (bias and softplus applied), B, C, and per step either the gate
   // silu(z) (forward: g1) or dout silu(z) and dout silu'(z) (backward: g1, g2). Steps past the
   // end get zeros, which makes them a no-op: exp(0 A) = 1 and 0 B u = 0.
-  __device__ void store(const Params& p, const Slot& s, int t0, float* u_s, float* dt_s,
-                        float* g1_s, float* g2_s, float* B_s, float* C_s) const {
+  __device__ void store(const Params& p, const Slot& s, int t0, const Smem& m) const {
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
       const int j = s.lane + LANES * i;
@@ -182,17 +196,17 @@ struct TileLoad {
       const float sz = sigmoid(zf);
       float dt = float(delta[i]) + bias;
       if (p.softplus) dt = softplus(dt);
-      u_s[at] = float(u[i]);
-      dt_s[at] = ok ? dt : 0.f;
-      if (!BWD) g1_s[at] = p.z ? zf * sz : 1.f;
-      if (BWD) g1_s[at] = p.z ? dof * zf * sz : dof;
-      if (BWD) g2_s[at] = p.z ? dof * sz * (1.f + zf * (1.f - sz)) : 0.f;
+      m.u[at] = float(u[i]);
+      m.dt[at] = ok ? dt : 0.f;
+      if (!BWD) m.g1[at] = p.z ? zf * sz : 1.f;
+      if (BWD) m.g1[at] = p.z ? dof * zf * sz : dof;
+      if (BWD) m.g2[at] = p.z ? dof * sz * (1.f + zf * (1.f - sz)) : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {
       const int e = s.tid + THREADS * i;
-      B_s[e / TILE * TP + e % TILE] = B[i];
-      C_s[e / TILE * TP + e % TILE] = C[i];
+      m.B[e / TILE * TP + e % TILE] = B[i];
+      m.C[e / TILE * TP + e % TILE] = C[i];
     }
   }
 };
@@ -201,18 +215,17 @@ struct TileLoad {
 // state in hs (hs[s][k] = state before step k) and the decays exp(dt A) in as, and the thread's
 // part of y_t = sum_n C h in yk.
 template <int NS, bool KEEP>
-__device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS], const float* u_s,
-                                          const float* dt_s, const float* B_s, const float* C_s,
+__device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS], const Smem& m,
                                           const Slot& s, int j0, float (&hs)[NS][SUB + 1],
                                           float (&as)[NS][SUB], float (&yk)[SUB]) {
 #pragma unroll
   for (int k4 = 0; k4 < SUB; k4 += 4) {
-    const float4 dt4 = ld4(dt_s + s.row * TP + j0 + k4);
-    const float4 u4 = ld4(u_s + s.row * TP + j0 + k4);
+    const float4 dt4 = ld4(m.dt + s.row * TP + j0 + k4);
+    const float4 u4 = ld4(m.u + s.row * TP + j0 + k4);
     float4 B4[NS], C4[NS];
     for (int i = 0; i < NS; ++i) {
-      B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
-      if (KEEP) C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
+      B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
+      if (KEEP) C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -239,14 +252,9 @@ template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float 
     A2[i] = s.has(p, i) ? p.A[size_t(s.c) * p.dstate + s.lane + LANES * i] * LOG2E : 0.f;
 }
 
-template <typename T, int NS>
-__global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
+template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   extern __shared__ float4 smem4[];
-  float* u_s = reinterpret_cast<float*>(smem4);  // (16 channels, 64 steps) each
-  float* dt_s = u_s + CH * TP;
-  float* gate_s = dt_s + CH * TP;                 // silu(z), 1 without z
-  float* B_s = gate_s + CH * TP;                  // (16 NS states, 64 steps) each
-  float* C_s = B_s + NS * LANES * TP;
+  const Smem m(smem4, NS, false);
   const Slot s(p);
   float A2[NS], h[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
   load_A2(p, s, A2);
@@ -258,17 +266,17 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   next.load(p, s, 0);
   for (int tile = 0; tile < p.ntiles; ++tile) {
     const int t0 = tile * TILE;
-    next.store(p, s, t0, u_s, dt_s, gate_s, nullptr, B_s, C_s);
+    next.store(p, s, t0, m);
     __syncthreads();
     if (tile + 1 < p.ntiles) next.load(p, s, t0 + TILE);
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (t0 + sub * SUB >= p.len) break;
-      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
+      run_steps<NS, true>(h, A2, m, s, sub * SUB, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);
       const int at = s.row * TP + sub * SUB + s.lane;
       const int t = t0 + sub * SUB + s.lane;
-      if (s.valid && t < p.len) out[base + t] = T((y + D * u_s[at]) * gate_s[at]);
+      if (s.valid && t < p.len) out[base + t] = T((y + D * m.u[at]) * m.g1[at]);
     }
     // checkpoint: every tile's final state for the backward, or only the last one (last_state)
     if (p.save_all || tile == p.ntiles - 1) {
@@ -281,17 +289,9 @@ __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
   }
 }
 
-template <typename T, int NS>
-__global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
+template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   extern __shared__ float4 smem4[];
-  float* u_s = reinterpret_cast<float*>(smem4);  // (16 channels, 64 steps) each
-  float* dt_s = u_s + CH * TP;
-  float* dy_s = dt_s + CH * TP;                   // dout silu(z)
-  float* fz_s = dy_s + CH * TP;                   // dout silu'(z), so that dz = y fz
-  float* B_s = fz_s + CH * TP;                    // (16 NS states, 64 steps) each
-  float* C_s = B_s + NS * LANES * TP;
-  float* hsub_s = C_s + NS * LANES * TP;          // each sub-tile's first state (SUBS, NS, THREADS)
-  float* red_s = hsub_s + SUBS * NS * THREADS;    // dB, dC of each warp (WARPS, 32 NS, 16 steps)
+  const Smem m(smem4, NS, true);
   const Slot s(p);
   const int warp = s.tid / 32;
   const int wl = s.tid % 32;
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
   s.tile_start(p, p.ntiles - 1, h_next);
   for (int tile = p.ntiles - 1; tile >= 0; --tile) {
     const int t0 = tile * TILE;
-    next.store(p, s, t0, u_s, dt_s, dy_s, fz_s, B_s, C_s);
+    next.store(p, s, t0, m);
     for (int i = 0; i < NS; ++i) h[i] = h_next[i];
     __syncthreads();
     if (tile > 0) {
@@ -324,16 +324,16 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
 #pragma unroll
     for (int sub = 0; sub < SUBS; ++sub) {
       if (sub >= nsub) break;
-      for (int i = 0; i < NS; ++i) hsub_s[(sub * NS + i) * THREADS + s.tid] = h[i];
+      for (int i = 0; i < NS; ++i) m.hsub[(sub * NS + i) * THREADS + s.tid] = h[i];
       if (sub + 1 < nsub)
-        run_steps<NS, false>(h, A2, u_s, dt_s, B_s, C_s, s, sub * SUB, hs, as, yk);
+        run_steps<NS, false>(h, A2, m, s, sub * SUB, hs, as, yk);
     }
     // pass 2: sub-tiles last to first; redo the 16 steps keeping states, then walk them backwards
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
       const int row = s.row * TP + j0;  // this channel's row in the staged tile
-      for (int i = 0; i < NS; ++i) h[i] = hsub_s[(sub * NS + i) * THREADS + s.tid];
-      run_steps<NS, true>(h, A2, u_s, dt_s, B_s, C_s, s, j0, hs, as, yk);
+      for (int i = 0; i < NS; ++i) h[i] = m.hsub[(sub * NS + i) * THREADS + s.tid];
+      run_steps<NS, true>(h, A2, m, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
       float pdu[SUB], pdd[SUB], vb[NS][4];
       float4 dt4, u4, dy4, B4[NS], C4[NS];
@@ -342,12 +342,12 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         const int q = k % 4;
         const int k4 = k - q;
         if (q == 3) {
-          dt4 = ld4(dt_s + row + k4);
-          u4 = ld4(u_s + row + k4);
-          dy4 = ld4(dy_s + row + k4);
+          dt4 = ld4(m.dt + row + k4);
+          u4 = ld4(m.u + row + k4);
+          dy4 = ld4(m.g1 + row + k4);
           for (int i = 0; i < NS; ++i) {
-            B4[i] = ld4(B_s + (s.lane + LANES * i) * TP + j0 + k4);
-            C4[i] = ld4(C_s + (s.lane + LANES * i) * TP + j0 + k4);
+            B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
+            C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
           }
         }
         const float dt = comp(dt4, q);
@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         pdd[k] = sum_xAh;
         if (q == 0)
           for (int i = 0; i < NS; ++i) {
-            float* dst = red_s + (warp * 32 * NS + 32 * i + wl) * RP + k4;
+            float* dst = m.red + (warp * 32 * NS + 32 * i + wl) * RP + k4;
             *reinterpret_cast<float4*>(dst) = make_float4(vb[i][0], vb[i][1], vb[i][2], vb[i][3]);
           }
       }
@@ -380,14 +380,14 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
       const float sxAh = reduce_scatter(pdd, s.lane) / LOG2E;
       const int t = t0 + j0 + s.lane;
       if (s.valid && t < p.len) {
-        const float dt = dt_s[row + s.lane];
-        const float u = u_s[row + s.lane];
-        const float dy = dy_s[row + s.lane];
+        const float dt = m.dt[row + s.lane];
+        const float u = m.u[row + s.lane];
+        const float dy = m.g1[row + s.lane];
         float ddt = u * sxB + sxAh;
         if (p.softplus) ddt *= -expm1f(-dt);  // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
         static_cast<T*>(p.du)[base + t] = T(dt * sxB + D * dy);
         static_cast<T*>(p.ddelta)[base + t] = T(ddt);
-        if (p.z) static_cast<T*>(p.dz)[base + t] = T((y + D * u) * fz_s[row + s.lane]);
+        if (p.z) static_cast<T*>(p.dz)[base + t] = T((y + D * u) * m.g2[row + s.lane]);
         dD += dy * u;
         dbias += ddt;
       }
@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
         const int n = col % 16 + 16 * (col / 32);
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int w = 0; w < WARPS; ++w) {
-          const float4 v = ld4(red_s + (w * 32 * NS + col) * RP + k4);
+          const float4 v = ld4(m.red + (w * 32 * NS + col) * RP + k4);
           acc.x += v.x;
           acc.y += v.y;
           acc.z += v.z;
@@ -432,19 +432,12 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(Params p) {
 
 // ---------------------------------------------------------------- host side
 
-static size_t fwd_smem(int ns) { return size_t(3 * CH + 2 * ns * LANES) * TP * sizeof(float); }
-static size_t bwd_smem(int ns) {
-  const size_t floats = (4 * CH + 2 * ns * LANES) * TP + SUBS * ns * THREADS + WARPS * 32 * ns * RP;
-  return floats * sizeof(float);
-}
-
-template <typename T, int NS = 1>
-static void launch(const Params& p, bool backward) {
+template <typename T, int NS = 1> static void launch(const Params& p, bool backward) {
   if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
     if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
   const dim3 grid((p.dgroup + CH - 1) / CH, p.groups, p.batch);
   auto kernel = backward ? scan_bwd_kernel<T, NS> : scan_fwd_kernel<T, NS>;
-  const int smem = int(backward ? bwd_smem(NS) : fwd_smem(NS));
+  const int smem = int(Smem::bytes(NS, backward));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", std::to_string(smem),
               " bytes of shared memory not available: ", cudaGetErrorString(err));
@@ -459,12 +452,13 @@ static void run(const Params& p, at::ScalarType dtype, bool backward) {
   else launch<c10::Half>(p, backward);
 }
 
-// Error messages are built from strings only: with the GPU machine's toolchain, streaming an
-// integer into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
+// Messages are built from strings only: with the GPU machine's toolchain, streaming an integer
+// into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
+static std::string str(int64_t v) { return std::to_string(v); }
 static std::string shape_str(at::IntArrayRef shape) {  // "(2, 16, *)", * for any size
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i)
-    s += (i ? ", " : "") + (shape[i] < 0 ? "*" : std::to_string(shape[i]));
+    s += (i ? ", " : "") + (shape[i] < 0 ? "*" : str(shape[i]));
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
@@ -482,7 +476,11 @@ static void check(const at::Tensor& x, const char* name, const at::Device& dev,
 }
 
 using Opt = std::optional<at::Tensor>;
-static std::string str(int64_t v) { return std::to_string(v); }
+static float* fptr(const Opt& t) { return t ? t->data_ptr<float>() : nullptr; }
+template <typename P> static at::Tensor bind(P*& field, at::Tensor t) {  // t, the kernel's output
+  field = static_cast<P*>(t.data_ptr());
+  return t;
+}
 
 // Checks every input and fills the fields both directions share.
 static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -493,8 +491,7 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "selective_scan: u must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(u.dim() == 3 && u.numel() > 0,
-              "selective_scan: u must be a non-empty (b, d, l), got ",
-              shape_str(u.sizes()));
+              "selective_scan: u must be a non-empty (b, d, l), got ", shape_str(u.sizes()));
   const int64_t b = u.size(0);
   const int64_t d = u.size(1);
   const int64_t l = u.size(2);
@@ -518,9 +515,8 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
                 .dgroup = int(d / g), .ntiles = ntiles, .lpad = ntiles * TILE,
                 .softplus = delta_softplus, .u = u.data_ptr(), .delta = delta.data_ptr(),
                 .z = z ? z->data_ptr() : nullptr, .A = A.data_ptr<float>(),
-                .B = B.data_ptr<float>(),
-                .C = C.data_ptr<float>(), .D = D ? D->data_ptr<float>() : nullptr,
-                .bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr};
+                .B = B.data_ptr<float>(), .C = C.data_ptr<float>(), .D = fptr(D),
+                .bias = fptr(delta_bias)};
 }
 
 // Returns (out, ckpt): ckpt is the state after each 64-step tile, (b, d, ceil(l / 64), n) float32,
@@ -531,11 +527,10 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor out = at::empty(u.sizes(), u.options());
-  at::Tensor ckpt = at::empty({u.size(0), u.size(1), save_all ? p.ntiles : 1, A.size(1)}, f32);
+  const int64_t kept = save_all ? p.ntiles : 1;
+  at::Tensor out = bind(p.out, at::empty(u.sizes(), u.options()));
+  at::Tensor ckpt = bind(p.ckpt, at::empty({p.batch, p.dim, kept, p.dstate}, f32));
   p.save_all = save_all;
-  p.out = out.data_ptr();
-  p.ckpt = ckpt.data_ptr<float>();
   run(p, u.scalar_type(), false);
   return {out, ckpt};
 }
@@ -547,44 +542,31 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
                             const Opt& delta_bias, bool delta_softplus, const at::Tensor& dout,
                             const at::Tensor& ckpt, const Opt& dlast) {
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-  const int64_t b = u.size(0);
-  const int64_t d = u.size(1);
-  const int64_t n = A.size(1);
-  check(dout, "dout", u.device(), u.scalar_type(), {b, d, u.size(2)});
+  check(dout, "dout", u.device(), u.scalar_type(), u.sizes().vec());
   check(ckpt, "ckpt (the checkpoints of fwd(save_all=True))", u.device(), at::kFloat,
-        {b, d, p.ntiles, n});
-  if (dlast) check(*dlast, "the gradient of last_state", u.device(), at::kFloat, {b, d, n});
-  const c10::cuda::CUDAGuard guard(u.device());
-  const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor du = at::empty(u.sizes(), u.options());
-  at::Tensor ddelta = at::empty(u.sizes(), u.options());
-  at::Tensor dz = at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options());
-  at::Tensor dA = at::zeros(A.sizes(), f32);
-  at::Tensor dD = at::zeros({d}, f32);
-  at::Tensor dbias = at::zeros({d}, f32);
-  at::Tensor dB = at::zeros({B.size(0), B.size(1), n, p.lpad}, f32);
-  at::Tensor dC = at::zeros({B.size(0), B.size(1), n, p.lpad}, f32);
+        {p.batch, p.dim, p.ntiles, p.dstate});
+  if (dlast) check(*dlast, "the gradient of last_state", u.device(), at::kFloat,
+                   {p.batch, p.dim, p.dstate});
   p.dout = dout.data_ptr();
   p.ckpt = ckpt.data_ptr<float>();
-  p.dlast = dlast ? dlast->data_ptr<float>() : nullptr;
-  p.du = du.data_ptr();
-  p.ddelta = ddelta.data_ptr();
-  p.dz = z ? dz.data_ptr() : nullptr;
-  p.dA = dA.data_ptr<float>();
-  p.dB = dB.data_ptr<float>();
-  p.dC = dC.data_ptr<float>();
-  p.dD = dD.data_ptr<float>();
-  p.dbias = dbias.data_ptr<float>();
+  p.dlast = fptr(dlast);
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor du = bind(p.du, at::empty(u.sizes(), u.options()));
+  at::Tensor ddelta = bind(p.ddelta, at::empty(u.sizes(), u.options()));
+  at::Tensor dz = bind(p.dz, at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options()));
+  // the float32 sums start at zero: the kernel adds into them with atomicAdd
+  at::Tensor dA = bind(p.dA, at::zeros(A.sizes(), f32));
+  at::Tensor dB = bind(p.dB, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dC = bind(p.dC, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dD = bind(p.dD, at::zeros({p.dim}, f32));
+  at::Tensor dbias = bind(p.dbias, at::zeros({p.dim}, f32));
   run(p, u.scalar_type(), true);
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selective scan (Mamba S6) forward and backward kernels for star.py";
-  m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"),
-        py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
-        py::arg("delta_softplus"), py::arg("save_all"));
-  m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"),
-        py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"),
-        py::arg("delta_softplus"), py::arg("dout"), py::arg("ckpt"), py::arg("dlast"));
+  m.def("fwd", &fwd, "selective scan forward: (out, ckpt), arguments as fwd above");
+  m.def("bwd", &bwd, "selective scan backward: the gradients, arguments as bwd above");
 }

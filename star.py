@@ -242,22 +242,17 @@ _scan_why = None  # or why there is none
 
 
 def _find_cuda_home():
-    """A CUDA toolkit folder holding bin/nvcc and libcudart.so, or None.
-
-    The nvcc on PATH may be a wrapper script that execs the real one (some machines put one in
-    /usr/local/bin), so the folders such a script names are tried too.
-    """
-    homes = []
+    """A CUDA toolkit folder holding bin/nvcc and libcudart.so, or None. The nvcc on PATH may be a
+    wrapper script that execs the real one (some machines have one in /usr/local/bin), so the
+    folders such a script names are tried too."""
+    homes = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     nvcc = shutil.which("nvcc")
     if nvcc:
         nvcc = os.path.realpath(nvcc)
-        homes.append(os.path.dirname(os.path.dirname(nvcc)))
         with open(nvcc, "rb") as f:
             head = f.read(4096)
-        if head.startswith(b"#!"):
-            homes += [m.decode() for m in re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head)]
-    homes.append("/usr/local/cuda")
-    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+        named = re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head) if head.startswith(b"#!") else []
+        homes = [os.path.dirname(os.path.dirname(nvcc))] + [m.decode() for m in named] + homes
     for home in homes:
         libs = [os.path.join(home, lib, "libcudart.so") for lib in ("lib64", "lib")]
         if os.path.isfile(os.path.join(home, "bin", "nvcc")) and any(map(os.path.exists, libs)):
@@ -300,22 +295,21 @@ def _cuda_kernel():
     return _scan_ext, _scan_why
 
 
-# the kernels as torch.library ops, so torch.compile sees through _CudaScan (the ops stay opaque)
+# The kernels as torch.library ops, which torch.compile keeps opaque. Eager calls skip them and
+# call the extension directly: an op call adds several microseconds of Python dispatch.
 @torch.library.custom_op("star::scan_fwd", mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
               delta_bias: Optional[torch.Tensor], delta_softplus: bool,
               save_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # out (b, d, l); the states after each 64-step tile (b, d, ceil(l / 64), n), or only the last
     out, ckpt = _cuda_kernel()[0].fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all)
     return out, ckpt
 
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_all):
-    b, d, l = u.shape
-    tiles = -(-l // 64) if save_all else 1
-    return torch.empty_like(u), u.new_empty((b, d, tiles, A.shape[1]), dtype=torch.float32)
+    tiles = -(-u.shape[2] // 64) if save_all else 1  # (b, d, tiles, n)
+    return torch.empty_like(u), u.new_empty((*u.shape[:2], tiles, A.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("star::scan_bwd", mutates_args=())
@@ -323,7 +317,6 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
               delta_bias: Optional[torch.Tensor], delta_softplus: bool, dout: torch.Tensor,
               ckpt: torch.Tensor, dlast: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    # du, ddelta, dA, dB, dC, dD, dz (empty without z), ddelta_bias; dB, dC (b, g, n, l rounded up)
     ext = _cuda_kernel()[0]
     return ext.bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast)
 
@@ -343,38 +336,37 @@ def _f32(t):
 
 
 class _CudaScan(torch.autograd.Function):
-    """selective_scan_ref's function on the fused kernels; the backward recomputes the states."""
+    """selective_scan_ref's function on the fused kernels; the backward recomputes the states.
+    The kernels read u, delta, z contiguous in their dtype, the rest contiguous float32."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        ctx.B_meta = (B.shape, B.dtype)
-        ctx.C_meta = (C.shape, C.dtype)
+        ext = _scan_fwd if torch.compiler.is_compiling() else _cuda_kernel()[0].fwd
+        ctx.B_C_like = (B.shape, B.dtype, C.shape, C.dtype)
         ctx.delta_softplus = delta_softplus
-        B = _f32(_grouped(B))  # (b, g, n, l)
-        C = _f32(_grouped(C))  # (b, g, n, l)
-        u = u.contiguous()  # (b, d, l)
-        delta = delta.contiguous()  # (b, d, l)
         z = None if z is None else z.contiguous()  # (b, d, l)
-        args = (u, delta, _f32(A), B, C, _f32(D), z, _f32(delta_bias), delta_softplus)
+        args = (u.contiguous(), delta.contiguous(), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)),
+                _f32(D), z, _f32(delta_bias))
         save_all = any(ctx.needs_input_grad[:8])  # keep the tile states only for a backward
-        out, ckpt = _scan_fwd(*args, save_all)
+        out, ckpt = ext(*args, delta_softplus, save_all)
         if save_all:
-            ctx.save_for_backward(*args[:8], ckpt)
+            ctx.save_for_backward(*args, ckpt)
         if return_last_state:
             return out, ckpt[:, :, -1].clone()  # last state: (b, d, n)
         return out
 
     @staticmethod
     def backward(ctx, dout, dlast=None):
+        ext = _scan_bwd if torch.compiler.is_compiling() else _cuda_kernel()[0].bwd
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        B_shape, B_dtype, C_shape, C_dtype = ctx.B_C_like
         dout = dout.to(u.dtype).contiguous()  # (b, d, l)
         dlast = None if dlast is None else dlast.float().contiguous()  # (b, d, n)
-        softplus = ctx.delta_softplus
-        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, dout, ckpt, dlast)
+        grads = ext(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout, ckpt, dlast)
         du, ddelta, dA, dB, dC = grads[:5]
         l = u.shape[2]
-        dB = dB[..., :l].reshape(ctx.B_meta[0]).to(ctx.B_meta[1])  # B's own shape and dtype
-        dC = dC[..., :l].reshape(ctx.C_meta[0]).to(ctx.C_meta[1])
+        dB = dB[..., :l].reshape(B_shape).to(B_dtype)  # B's own shape and dtype
+        dC = dC[..., :l].reshape(C_shape).to(C_dtype)
         # dD, dz, ddelta_bias only for the inputs that were given
         optional = [g if t is not None else None for g, t in zip(grads[5:], (D, z, delta_bias))]
         return du, ddelta, dA, dB, dC, *optional, None, None
@@ -382,7 +374,7 @@ class _CudaScan(torch.autograd.Function):
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
-    """selective_scan_ref on the CUDA kernels of scan_cuda.cu (call _cuda_kernel() first).
+    """selective_scan_ref on the CUDA kernels of scan_cuda.cu (built on first use).
 
     selective_scan_ref's shapes with n <= 64; the last state (b, d, n) comes in float32. Official
     implementation: state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py,

@@ -1,5 +1,5 @@
 """
-Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes tiny,B,long] [--dtypes f32,bf16,f16]
+Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes small,tiny,B,long] [--dtypes f32,bf16,f16]
 [--impls cuda,official,torch,ref] [--official DIR] (DIR: a copy of state-spaces/mamba csrc/selective_scan, built here)
 or on the CPU: python tests/bench.py --cpu (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
 or whole pretraining steps against K: python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 import star  # noqa: E402
 from star import _cuda_kernel, selective_scan_cuda  # noqa: E402
 
-SHAPES = {"tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580), "long": (4, 768, 16, 8192)}  # (b, d, n, l)
+SHAPES = {"small": (1, 16, 16, 64), "tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580), "long": (4, 768, 16, 8192)}  # (b, d, n, l)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 

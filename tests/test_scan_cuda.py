@@ -51,9 +51,9 @@ def ext():
 
 
 def make_inputs(b, d, l, n, groups=None, dtype=F32, bc_dtype=None, D=True, z=True, bias=True,
-                delta_max=0.5, A_min=-0.5):
+                delta_max=0.5, A_min=-0.5, dev="cuda"):
     """random inputs like a Mamba layer's; B, C are (b, n, l), or (b, groups, n, l) when groups is set"""
-    dev, bc_dtype = "cuda", bc_dtype or dtype
+    bc_dtype = bc_dtype or dtype
     bc_shape = (b, n, l) if groups is None else (b, groups, n, l)
     x = dict(u=torch.randn(b, d, l, device=dev).to(dtype),
              delta=(delta_max * torch.rand(b, d, l, device=dev)).to(dtype),
@@ -90,6 +90,59 @@ def compare(x, delta_softplus=True, return_last_state=True, dtype=F32):
         assert g is not None and g.dtype == x[k].dtype and g.shape == x[k].shape, k
         assert torch.isfinite(g).all(), f"grad of {k} is not finite"
         torch.testing.assert_close(g.float(), g_ref, **TOL[dtype], msg=lambda m: f"grad of {k}: {m}")
+
+
+class StandIn:
+    """scan_cuda's fwd and bwd on the CPU, selective_scan_ref doing the math: checks the layouts
+    _CudaScan hands the kernels and answers in the kernels' layouts (dB, dC padded, float32)"""
+
+    @staticmethod
+    def check(u, delta, A, B, C, D, z, delta_bias):
+        assert all(t is None or (t.dtype == u.dtype and t.is_contiguous()) for t in (u, delta, z))
+        assert all(t is None or (t.dtype == F32 and t.is_contiguous()) for t in (A, B, C, D, delta_bias))
+        assert B.dim() == 4 and C.dim() == 4
+
+    def fwd(self, u, delta, A, B, C, D, z, delta_bias, softplus, save_all):
+        self.check(u, delta, A, B, C, D, z, delta_bias)
+        out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, True)
+        ckpt = torch.zeros(*u.shape[:2], -(-u.shape[2] // 64) if save_all else 1, A.shape[1])
+        ckpt[:, :, -1] = last
+        return [out, ckpt]
+
+    def bwd(self, u, delta, A, B, C, D, z, delta_bias, softplus, dout, ckpt, dlast):
+        self.check(u, delta, A, B, C, D, z, delta_bias)
+        assert dout.dtype == u.dtype and dout.is_contiguous() and ckpt.shape[2] == -(-u.shape[2] // 64)
+        d = u.shape[1]
+        given = [u, delta, A, B, C, torch.zeros(d) if D is None else D,
+                 torch.zeros(d) if delta_bias is None else delta_bias] + ([z] if z is not None else [])
+        leaves = [t.detach().float().requires_grad_() for t in given]
+        zf = leaves[7] if z is not None else None
+        with torch.enable_grad():  # a backward runs without grad mode
+            out, last = selective_scan_ref(*leaves[:5], leaves[5], zf, leaves[6], softplus, True)
+            loss = (out * dout.float()).sum() + (0 if dlast is None else (last * dlast).sum())
+            g = torch.autograd.grad(loss, leaves)
+        pad = (0, ckpt.shape[2] * 64 - u.shape[2])  # dB, dC come rounded up to 64 steps
+        dz = g[7].to(u.dtype) if z is not None else u.new_empty(0)
+        return [g[0].to(u.dtype), g[1].to(u.dtype), g[2], torch.nn.functional.pad(g[3], pad),
+                torch.nn.functional.pad(g[4], pad), g[5], dz, g[6]]
+
+
+@pytest.mark.parametrize("dtype,bc_dtype,groups,D,z,bias,last", [
+    (F32, F32, None, True, True, True, True), (BF16, F32, 2, True, True, True, True),
+    (BF16, BF16, None, False, True, False, False), (F16, F16, 2, True, False, True, True),
+    (F32, F32, 1, False, False, False, True)])
+def test_glue_around_the_kernels(monkeypatch, dtype, bc_dtype, groups, D, z, bias, last):
+    """on the CPU, with StandIn for the kernels: what _CudaScan hands them, and that every gradient
+    comes back in its input's shape and dtype (None for inputs not given)"""
+    import star
+    monkeypatch.setattr(star, "_scan_ext", StandIn())
+    torch.manual_seed(6)
+    x = make_inputs(2, 8, 70, 4, groups=groups, dtype=dtype, bc_dtype=bc_dtype, D=D, z=z, bias=bias,
+                    dev="cpu")
+    for k in ("u", "z", "B"):  # same values, other strides
+        if k in x:
+            x[k] = x[k].transpose(0, 1).contiguous().transpose(0, 1)
+    compare(x, return_last_state=last, dtype=dtype)
 
 
 @gpu
@@ -189,8 +242,8 @@ from star import _cuda_kernel
 ext = _cuda_kernel()[0]
 b, d, l, n = 2, 32, 50, 16
 u, A, B = torch.randn(b, d, l, device="cuda"), -torch.rand(d, n, device="cuda"), torch.randn(b, 1, n, l, device="cuda")
-fwd = lambda **kw: ext.fwd(**{**dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None,
-                                     delta_softplus=True, save_all=True), **kw})
+args = dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None, delta_softplus=True, save_all=True)
+fwd = lambda **kw: ext.fwd(*{**args, **kw}.values())  # positional, in fwd's order, kw replacing some
 out, ckpt = fwd()
 cases = dict(cpu=lambda: fwd(u=u.cpu()), double=lambda: fwd(u=u.double(), delta=u.double()),
              delta=lambda: fwd(delta=u.half()), z=lambda: fwd(z=u[..., :40].contiguous()),
