@@ -408,6 +408,38 @@ def test_cifar10_table_script_runs_every_row(tmp_path):
                                                                                 (4, "cluster")]
 
 
+def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
+    """tests/evidence.sh (the README's table, slot losses, K, scan directions) at a tiny size, then
+    tests/evidence_table.py over what it wrote."""
+    data = tmp_path / "c10"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("train_0", "train_1", "train_2", "train_3", "train_4", "test"):
+        write_npz(data / f"{name}.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                  np.arange(16) % 4)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0 1",
+           "PRE": "1", "FT": "1", "EXTRA": "--preset tiny --batch_size 16"}
+    done = subprocess.run(["bash", "tests/evidence.sh", str(tmp_path / "ev"), str(data), "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
+    table = subprocess.run([sys.executable, "tests/evidence_table.py", str(tmp_path / "ev")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    for row in ("| scratch | 2 |", "| ARM (K=1, no separator) | 2 |", "| STAR (K=4, separators) | 2 |",
+                "| STAR - concatenation |", "| STAR K=8 | 1 |", "| concatenation K=8 | 1 |",
+                "| 8 | 544 |", "| 2 | 136 |", "Two minus four directions, paired"):
+        assert row in table, table
+    assert "1: - /" in table  # without a separator the first image's first cluster is no target
+
+
+def test_paired_interval_is_students_t():
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import evidence_table
+    m, half, n = evidence_table.paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.79, 1: 0.80, 2: 0.80})
+    assert n == 3 and m == pytest.approx(0.04 / 3)
+    assert half == pytest.approx(4.303 * 0.005773503 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2 df)
+    assert evidence_table.paired({0: 0.8}, {0: 0.7}) is None  # one seed: no interval
+
+
 def test_precision_follows_the_card(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert train.autocast_dtype("auto", cpu) == torch.float32
