@@ -15,7 +15,7 @@ extra=("$@")
 IFS='|' read -r -a variants <<< "${VARIANTS:---precision bf16|--precision fp16|--scan_dirs 2}"
 common=(--data "npz:$dir/train_0.npz" --test_data "npz:$dir/train_4.npz" --preset cifar
         --batch_size 512 --lr 5e-4 --ft_lr 1e-3 --warmup_epochs 2 --pretrain_epochs 30
-        --finetune_epochs 10 --eval_every 10 --progress false --seed 0 "${extra[@]}")
+        --finetune_epochs 10 --eval_every 10 --labeled 0 --progress false --seed 0 "${extra[@]}")
 python train.py --mode pretrain --out "$out/pre" "${common[@]}"
 for i in "${!variants[@]}"; do
     python train.py --mode finetune --init "$out/pre/pretrain.pt" --out "$out/ft_$i" "${common[@]}" \
