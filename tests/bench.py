@@ -82,7 +82,8 @@ def time_ms(fn, warmup, reps):
         fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
@@ -118,12 +119,16 @@ def bench(scan, x, warmup, reps):
 def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
     """forward and forward+backward on the CPU, median of reps (wall clock)"""
     torch.manual_seed(0)
-    r = lambda *s: torch.randn(*s).requires_grad_()
+
+    def r(*s):
+        return torch.randn(*s).requires_grad_()
+
     x = dict(u=r(b, d, l), delta=r(b, d, l), A=(-torch.rand(d, n) - 0.1).requires_grad_(), B=r(b, n, l),
              C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d))
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, (b, d, n, l) = {(b, d, n, l)}, float32")
     for name, scan in (("torch (star fallback)", star.selective_scan_torch), ("ref (sequential)", star.selective_scan_ref)):
-        fwd, fwd_bwd = [], []
+        fwd = []
+        fwd_bwd = []
         for _ in range(reps):
             t0 = time.perf_counter()
             out = scan(**x, delta_softplus=True)

@@ -7,13 +7,19 @@ import star
 
 def make_inputs(b, d, n, l, groups=1, dtype=torch.float32, seed=0, big_delta=False):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
-    u, z = r(b, d, l), r(b, d, l)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    u = r(b, d, l)
+    z = r(b, d, l)
     delta = torch.rand(b, d, l, generator=g, dtype=dtype) * (10 if big_delta else 1)
     A = -torch.rand(d, n, generator=g, dtype=dtype) * (16 if big_delta else 2) - 0.1  # (d, n), negative
     Bshape = (b, n, l) if groups == 1 else (b, groups, n, l)
-    B, C = r(*Bshape), r(*Bshape)
-    D, bias = r(d), r(d)
+    B = r(*Bshape)
+    C = r(*Bshape)
+    D = r(d)
+    bias = r(d)
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias)
 
 
@@ -82,7 +88,10 @@ def test_half_precision_inputs_give_output_in_input_dtype():
 def test_gradcheck_float64():
     inp = make_inputs(1, 2, 3, 5, groups=2, dtype=torch.float64, seed=5)
     keys = list(inp)
-    fn = lambda *xs: star.selective_scan_torch(**dict(zip(keys, xs)), delta_softplus=True, return_last_state=True)
+
+    def fn(*xs):
+        return star.selective_scan_torch(**dict(zip(keys, xs)), delta_softplus=True, return_last_state=True)
+
     assert torch.autograd.gradcheck(fn, [v.requires_grad_() for v in inp.values()])
 
 

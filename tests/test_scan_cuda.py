@@ -13,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda, selective_scan_ref  # noqa: E402
 
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+F32 = torch.float32
+BF16 = torch.bfloat16
+F16 = torch.float16
 TOL = {F32: dict(rtol=6e-4, atol=2e-3), BF16: dict(rtol=3e-2, atol=5e-2), F16: dict(rtol=3e-3, atol=5e-3)}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,20 +75,24 @@ def compare(x, delta_softplus=True, return_last_state=True, dtype=F32):
     out = selective_scan_cuda(**mine, delta_softplus=delta_softplus, return_last_state=return_last_state)
     out_ref = selective_scan_ref(**ref, delta_softplus=delta_softplus, return_last_state=return_last_state)
     if return_last_state:
-        (out, last), (out_ref, last_ref) = out, out_ref
+        out, last = out
+        out_ref, last_ref = out_ref
         assert last.dtype == F32 and last.shape == last_ref.shape
         torch.testing.assert_close(last, last_ref, **TOL[dtype], msg=lambda m: f"last_state: {m}")
     assert out.dtype == x["u"].dtype and out.shape == out_ref.shape
     torch.testing.assert_close(out.float(), out_ref, **TOL[dtype], msg=lambda m: f"out: {m}")
     dout = torch.randn_like(out_ref).to(dtype)
-    loss, loss_ref = (out * dout).sum(), (out_ref * dout.float()).sum()
+    loss = (out * dout).sum()
+    loss_ref = (out_ref * dout.float()).sum()
     if return_last_state:
         dlast = torch.randn_like(last_ref)
-        loss, loss_ref = loss + (last * dlast).sum(), loss_ref + (last_ref * dlast).sum()
+        loss = loss + (last * dlast).sum()
+        loss_ref = loss_ref + (last_ref * dlast).sum()
     loss.backward()
     loss_ref.backward()
     for k in x:
-        g, g_ref = mine[k].grad, ref[k].grad
+        g = mine[k].grad
+        g_ref = ref[k].grad
         assert g is not None and g.dtype == x[k].dtype and g.shape == x[k].shape, k
         assert torch.isfinite(g).all(), f"grad of {k} is not finite"
         torch.testing.assert_close(g.float(), g_ref, **TOL[dtype], msg=lambda m: f"grad of {k}: {m}")
@@ -240,10 +246,20 @@ sys.path[:0] = [ROOT]
 import torch
 from star import _cuda_kernel
 ext = _cuda_kernel()[0]
-b, d, l, n = 2, 32, 50, 16
-u, A, B = torch.randn(b, d, l, device="cuda"), -torch.rand(d, n, device="cuda"), torch.randn(b, 1, n, l, device="cuda")
+b = 2
+d = 32
+l = 50
+n = 16
+u = torch.randn(b, d, l, device="cuda")
+A = -torch.rand(d, n, device="cuda")
+B = torch.randn(b, 1, n, l, device="cuda")
 args = dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None, delta_softplus=True, save_all=True)
-fwd = lambda **kw: ext.fwd(*{**args, **kw}.values())  # positional, in fwd's order, kw replacing some
+
+
+def fwd(**kw):  # positional, in fwd's order, kw replacing some
+    return ext.fwd(*{**args, **kw}.values())
+
+
 out, ckpt = fwd()
 cases = dict(cpu=lambda: fwd(u=u.cpu()), double=lambda: fwd(u=u.double(), delta=u.double()),
              delta=lambda: fwd(delta=u.half()), z=lambda: fwd(z=u[..., :40].contiguous()),
