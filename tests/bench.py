@@ -1,10 +1,15 @@
 """
-Times the selective scans on a GPU: python tests/bench.py [--out FILE] [--shapes small,tiny,B,long] [--dtypes f32,bf16,f16]
-[--impls cuda,official,torch,ref] [--official DIR] (DIR: a copy of state-spaces/mamba csrc/selective_scan, built here)
-or on the CPU: python tests/bench.py --cpu (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
-or whole pretraining steps against K: python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
-Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak memory above the
-inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and the official kernel (--official).
+Times the selective scans on a GPU:
+    python tests/bench.py [--out FILE] [--shapes small,tiny,B,long] [--dtypes f32,bf16,f16]
+    [--impls cuda,official,torch,ref] [--official DIR]
+    (DIR: a copy of state-spaces/mamba csrc/selective_scan, built here)
+or on the CPU: python tests/bench.py --cpu
+    (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
+or whole pretraining steps against K:
+    python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
+Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak
+memory above the inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and
+the official kernel (--official).
 Inputs as in a Mamba layer: softplus with delta_bias, D, z, B and C (b, n, l).
 """
 import argparse
@@ -20,34 +25,44 @@ sys.path.insert(0, ROOT)
 import star  # noqa: E402
 from star import _cuda_kernel, selective_scan_cuda  # noqa: E402
 
-SHAPES = {"small": (1, 16, 16, 64), "tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580), "long": (4, 768, 16, 8192)}  # (b, d, n, l)
+SHAPES = {"small": (1, 16, 16, 64), "tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580),
+          "long": (4, 768, 16, 8192)}  # (b, d, n, l)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def make_inputs(b, d, n, l, dtype):
     dev = "cuda"
     return dict(u=torch.randn(b, d, l, device=dev, dtype=dtype),
-                delta=(0.5 * torch.rand(b, d, l, device=dev) - 4.0).to(dtype),  # softplus(delta + bias) ~ 0.001-0.1
-                A=-torch.rand(d, n, device=dev) * n, B=torch.randn(b, n, l, device=dev, dtype=dtype),
-                C=torch.randn(b, n, l, device=dev, dtype=dtype), D=torch.randn(d, device=dev),
-                z=torch.randn(b, d, l, device=dev, dtype=dtype), delta_bias=torch.rand(d, device=dev))
+                # softplus(delta + bias) ~ 0.001-0.1
+                delta=(0.5 * torch.rand(b, d, l, device=dev) - 4.0).to(dtype),
+                A=-torch.rand(d, n, device=dev) * n,
+                B=torch.randn(b, n, l, device=dev, dtype=dtype),
+                C=torch.randn(b, n, l, device=dev, dtype=dtype),
+                D=torch.randn(d, device=dev),
+                z=torch.randn(b, d, l, device=dev, dtype=dtype),
+                delta_bias=torch.rand(d, device=dev))
 
 
 def load_official(folder):
-    """JIT-build state-spaces/mamba's csrc/selective_scan (a copy in folder, never committed) for this GPU"""
+    """JIT-build state-spaces/mamba's csrc/selective_scan (a copy in folder, never committed) for
+    this GPU"""
     from torch.utils import cpp_extension
     cc = "%d%d" % torch.cuda.get_device_capability()
-    sources = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".cu", ".cpp")))
-    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
-             f"-gencode=arch=compute_{cc},code=sm_{cc}"]
-    flags += [f"-U__CUDA_NO_{t}__" for t in ("HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_OPERATORS",
-                                               "BFLOAT16_CONVERSIONS", "BFLOAT162_OPERATORS", "BFLOAT162_CONVERSIONS")]
-    return cpp_extension.load(name="official_selective_scan", sources=sources, extra_include_paths=[folder],
-                              extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=flags)
+    sources = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                     if f.endswith((".cu", ".cpp")))
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+             "--use_fast_math", f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+    flags += [f"-U__CUDA_NO_{t}__" for t in ("HALF_OPERATORS", "HALF_CONVERSIONS",
+                                               "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS",
+                                               "BFLOAT162_OPERATORS", "BFLOAT162_CONVERSIONS")]
+    return cpp_extension.load(name="official_selective_scan", sources=sources,
+                              extra_include_paths=[folder], extra_cflags=["-O3", "-std=c++17"],
+                              extra_cuda_cflags=flags)
 
 
 class _OfficialScan(torch.autograd.Function):
-    """the official kernel's fwd/bwd called as mamba_ssm's SelectiveScanFn calls them (no last state)"""
+    """the official kernel's fwd/bwd called as mamba_ssm's SelectiveScanFn calls them
+    (no last state)"""
     ext = None
 
     @staticmethod
@@ -64,8 +79,8 @@ class _OfficialScan(torch.autograd.Function):
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _OfficialScan.ext.bwd(
-            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out if z is not None else None, None,
-            ctx.delta_softplus, False)
+            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x,
+            out if z is not None else None, None, ctx.delta_softplus, False)
         if ctx.squeeze:
             dB = dB.squeeze(1)
             dC = dC.squeeze(1)
@@ -123,10 +138,12 @@ def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
     def r(*s):
         return torch.randn(*s).requires_grad_()
 
-    x = dict(u=r(b, d, l), delta=r(b, d, l), A=(-torch.rand(d, n) - 0.1).requires_grad_(), B=r(b, n, l),
-             C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d))
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, (b, d, n, l) = {(b, d, n, l)}, float32")
-    for name, scan in (("torch (star fallback)", star.selective_scan_torch), ("ref (sequential)", star.selective_scan_ref)):
+    x = dict(u=r(b, d, l), delta=r(b, d, l), A=(-torch.rand(d, n) - 0.1).requires_grad_(),
+             B=r(b, n, l), C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d))
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"(b, d, n, l) = {(b, d, n, l)}, float32")
+    for name, scan in (("torch (star fallback)", star.selective_scan_torch),
+                       ("ref (sequential)", star.selective_scan_ref)):
         fwd = []
         fwd_bwd = []
         for _ in range(reps):
@@ -136,14 +153,16 @@ def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
             out.sum().backward()
             fwd.append(t1 - t0)
             fwd_bwd.append(time.perf_counter() - t0)
-        print(f"{name}: fwd {1e3 * statistics.median(fwd):.1f} ms, fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
+        print(f"{name}: fwd {1e3 * statistics.median(fwd):.1f} ms, "
+              f"fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
 
 
 def model_bench(presets, ks, backends, dirs, dtype, steps=10):
-    """Images/s and peak memory per image of whole training steps (forward, backward, AdamW): pretraining
-    against K, then the finetuning classifier against its number of scan directions.
+    """Images/s and peak memory per image of whole training steps (forward, backward, AdamW):
+    pretraining against K, then the finetuning classifier against its number of scan directions.
 
-    The batch is the largest of 1024, 512, ... images that fits (at least K); autocast to dtype on a GPU.
+    The batch is the largest of 1024, 512, ... images that fits (at least K); autocast to dtype on
+    a GPU.
     """
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -153,14 +172,16 @@ def model_bench(presets, ks, backends, dirs, dtype, steps=10):
     for preset in presets:
         rows = [(f"pretrain K={K}", star.StarPretrain, star.make_config(preset, images_per_seq=K))
                 for K in (ks if preset != "base" else [4])]
-        rows += [(f"classifier, {s} scan dirs", star.StarClassifier, star.make_config(preset, scan_dirs=s))
+        rows += [(f"classifier, {s} scan dirs", star.StarClassifier,
+                  star.make_config(preset, scan_dirs=s))
                  for s in dirs]
         for label, make, cfg in rows:
             unit = cfg.images_per_seq if make is star.StarPretrain else 1
             tokens = cfg.seq_len if make is star.StarPretrain else cfg.num_patches
             for backend in backends:
                 os.environ["STAR_SCAN"] = backend
-                for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8) if b >= unit and b % unit == 0]:
+                for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8)
+                              if b >= unit and b % unit == 0]:
                     try:
                         rate, peak = _time_steps(make(cfg), batch, device, steps, dtype)
                         break
@@ -210,20 +231,25 @@ def main():
     parser.add_argument("--shapes", default="tiny,B,long")
     parser.add_argument("--dtypes", default="f32,bf16,f16")
     parser.add_argument("--impls", default="cuda,official,torch,ref", help="which scans to time")
-    parser.add_argument("--official", help="folder with state-spaces/mamba's csrc/selective_scan sources")
+    parser.add_argument("--official",
+                        help="folder with state-spaces/mamba's csrc/selective_scan sources")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--cpu", action="store_true", help="time the PyTorch scan and the reference on the CPU")
-    parser.add_argument("--model", action="store_true", help="time whole pretraining steps against K")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time the PyTorch scan and the reference on the CPU")
+    parser.add_argument("--model", action="store_true",
+                        help="time whole pretraining steps against K")
     parser.add_argument("--presets", default="cifar,base")
     parser.add_argument("--ks", default="1,2,4,8,16")
     parser.add_argument("--backends", default="cuda,torch")
     parser.add_argument("--dirs", default="1,2,4", help="--model: the classifier's scan directions")
-    parser.add_argument("--precision", default="bf16", help="--model: autocast dtype (bf16, fp16, fp32)")
+    parser.add_argument("--precision", default="bf16",
+                        help="--model: autocast dtype (bf16, fp16, fp32)")
     args = parser.parse_args()
     if args.cpu:
         return cpu_bench()
     if args.model:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                 "fp32": torch.float32}[args.precision]
         return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")],
                            args.backends.split(","), [int(s) for s in args.dirs.split(",")], dtype)
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
@@ -246,9 +272,11 @@ def main():
     if "ref" in wanted:
         impls["ref (sequential)"] = star.selective_scan_ref
 
-    lines = [f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}",
+    lines = [f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"CUDA {torch.version.cuda}",
              f"extension build/load: {build_s:.1f} s (a cached build only loads)", "",
-             "| shape (b, d, n, l) | dtype | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd speed-up vs ref | peak MiB |",
+             "| shape (b, d, n, l) | dtype | impl | fwd ms | fwd+bwd ms | fwd GB/s "
+             "| fwd+bwd speed-up vs ref | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for shape_name in args.shapes.split(","):
@@ -258,7 +286,8 @@ def main():
             torch.manual_seed(0)
             x = make_inputs(b, d, n, l, dtype)
             size = dtype.itemsize
-            min_bytes = 4 * b * d * l * size + 2 * b * n * l * size  # read u, delta, z, B, C; write out
+            # read u, delta, z, B, C; write out
+            min_bytes = 4 * b * d * l * size + 2 * b * n * l * size
             results = {}
             for name, scan in impls.items():
                 slow = name.startswith(("torch", "ref"))
@@ -272,12 +301,14 @@ def main():
             ref = results.get("ref (sequential)")
             for name, r in results.items():
                 if r is None:
-                    line = f"| {shape_name} ({b}, {d}, {n}, {l}) | {dtype_name} | {name} | out of memory | | | | |"
+                    line = (f"| {shape_name} ({b}, {d}, {n}, {l}) | {dtype_name} | {name} "
+                            "| out of memory | | | | |")
                 else:
                     f, fb, mib = r
                     speedup = f"{ref[1] / fb:.0f}x" if ref else "n/a"
-                    line = (f"| {shape_name} ({b}, {d}, {n}, {l}) | {dtype_name} | {name} | {f:.3f} | {fb:.3f} | "
-                            f"{min_bytes / f / 1e6:.0f} | {speedup} | {mib:.0f} |")
+                    line = (f"| {shape_name} ({b}, {d}, {n}, {l}) | {dtype_name} | {name} "
+                            f"| {f:.3f} | {fb:.3f} | {min_bytes / f / 1e6:.0f} | {speedup} "
+                            f"| {mib:.0f} |")
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

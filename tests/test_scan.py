@@ -14,7 +14,8 @@ def make_inputs(b, d, n, l, groups=1, dtype=torch.float32, seed=0, big_delta=Fal
     u = r(b, d, l)
     z = r(b, d, l)
     delta = torch.rand(b, d, l, generator=g, dtype=dtype) * (10 if big_delta else 1)
-    A = -torch.rand(d, n, generator=g, dtype=dtype) * (16 if big_delta else 2) - 0.1  # (d, n), negative
+    # (d, n), negative
+    A = -torch.rand(d, n, generator=g, dtype=dtype) * (16 if big_delta else 2) - 0.1
     Bshape = (b, n, l) if groups == 1 else (b, groups, n, l)
     B = r(*Bshape)
     C = r(*Bshape)
@@ -44,7 +45,8 @@ def assert_match(got, want, rtol, atol_frac):
             assert got[key] is None
             continue
         scale = want[key].abs().max().item() + 1e-30
-        torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol_frac * scale, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol_frac * scale,
+                                   msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("l", [1, 7, 64, 197, 260, 1000])
@@ -90,7 +92,8 @@ def test_gradcheck_float64():
     keys = list(inp)
 
     def fn(*xs):
-        return star.selective_scan_torch(**dict(zip(keys, xs)), delta_softplus=True, return_last_state=True)
+        return star.selective_scan_torch(**dict(zip(keys, xs)), delta_softplus=True,
+                                         return_last_state=True)
 
     assert torch.autograd.gradcheck(fn, [v.requires_grad_() for v in inp.values()])
 
@@ -126,9 +129,11 @@ def test_backend_switch(monkeypatch):
     calls = []
     for name in ("selective_scan_ref", "selective_scan_torch"):
         real = getattr(star, name)
-        monkeypatch.setattr(star, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        monkeypatch.setattr(star, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    # auto on CPU inputs is the PyTorch scan
     for choice, expected in [("ref", "selective_scan_ref"), ("torch", "selective_scan_torch"),
-                             ("auto", "selective_scan_torch")]:  # auto on CPU inputs is the PyTorch scan
+                             ("auto", "selective_scan_torch")]:
         monkeypatch.setenv("STAR_SCAN", choice)
         star.selective_scan(**inp)
         assert calls[-1] == expected

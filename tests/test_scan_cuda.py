@@ -1,6 +1,7 @@
 """
 Tests of the CUDA selective scan (scan_cuda.cu) against selective_scan_ref.
-The GPU tests skip without a GPU; test_builds compiles the kernels wherever nvcc is found, GPU or not.
+The GPU tests skip without a GPU; test_builds compiles the kernels wherever nvcc is found,
+GPU or not.
 """
 import os
 import subprocess
@@ -11,12 +12,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from star import _cuda_kernel, _find_cuda_home, selective_scan_cuda, selective_scan_ref  # noqa: E402
+from star import (_cuda_kernel, _find_cuda_home, selective_scan_cuda,  # noqa: E402
+                  selective_scan_ref)
 
 F32 = torch.float32
 BF16 = torch.bfloat16
 F16 = torch.float16
-TOL = {F32: dict(rtol=6e-4, atol=2e-3), BF16: dict(rtol=3e-2, atol=5e-2), F16: dict(rtol=3e-3, atol=5e-3)}
+TOL = {F32: dict(rtol=6e-4, atol=2e-3), BF16: dict(rtol=3e-2, atol=5e-2),
+       F16: dict(rtol=3e-3, atol=5e-3)}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -31,11 +34,13 @@ print("built" if ext is not None else why)
 
 
 def test_builds():
-    """scan_cuda.cu compiles for the oldest and the newest GPU we support (sm_75: T4, sm_90: H100), GPU or not"""
+    """scan_cuda.cu compiles for the oldest and the newest GPU we support (sm_75: T4, sm_90: H100),
+    GPU or not"""
     if _find_cuda_home() is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("no CUDA toolkit (nvcc)")
     builds = {}
-    for arch in ("7.5", "9.0"):  # one process each: star builds once per process, "star_scan_sm75" etc.
+    # one process each: star builds once per process, "star_scan_sm75" etc.
+    for arch in ("7.5", "9.0"):
         code = f"ROOT = {ROOT!r}\nARCH = {arch!r}\n" + BUILD
         builds[arch] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
@@ -54,7 +59,8 @@ def ext():
 
 def make_inputs(b, d, l, n, groups=None, dtype=F32, bc_dtype=None, D=True, z=True, bias=True,
                 delta_max=0.5, A_min=-0.5, dev="cuda"):
-    """random inputs like a Mamba layer's; B, C are (b, n, l), or (b, groups, n, l) when groups is set"""
+    """random inputs like a Mamba layer's;
+    B, C are (b, n, l), or (b, groups, n, l) when groups is set"""
     bc_dtype = bc_dtype or dtype
     bc_shape = (b, n, l) if groups is None else (b, groups, n, l)
     x = dict(u=torch.randn(b, d, l, device=dev).to(dtype),
@@ -69,11 +75,14 @@ def make_inputs(b, d, l, n, groups=None, dtype=F32, bc_dtype=None, D=True, z=Tru
 
 
 def compare(x, delta_softplus=True, return_last_state=True, dtype=F32):
-    """run the kernel and the float32 reference on the same values; compare outputs and all gradients"""
+    """run the kernel and the float32 reference on the same values;
+    compare outputs and all gradients"""
     mine = {k: v.clone().requires_grad_() for k, v in x.items()}
     ref = {k: v.float().requires_grad_() for k, v in x.items()}
-    out = selective_scan_cuda(**mine, delta_softplus=delta_softplus, return_last_state=return_last_state)
-    out_ref = selective_scan_ref(**ref, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    out = selective_scan_cuda(**mine, delta_softplus=delta_softplus,
+                              return_last_state=return_last_state)
+    out_ref = selective_scan_ref(**ref, delta_softplus=delta_softplus,
+                                 return_last_state=return_last_state)
     if return_last_state:
         out, last = out
         out_ref, last_ref = out_ref
@@ -95,7 +104,8 @@ def compare(x, delta_softplus=True, return_last_state=True, dtype=F32):
         g_ref = ref[k].grad
         assert g is not None and g.dtype == x[k].dtype and g.shape == x[k].shape, k
         assert torch.isfinite(g).all(), f"grad of {k} is not finite"
-        torch.testing.assert_close(g.float(), g_ref, **TOL[dtype], msg=lambda m: f"grad of {k}: {m}")
+        torch.testing.assert_close(g.float(), g_ref, **TOL[dtype],
+                                   msg=lambda m: f"grad of {k}: {m}")
 
 
 class StandIn:
@@ -105,7 +115,8 @@ class StandIn:
     @staticmethod
     def check(u, delta, A, B, C, D, z, delta_bias):
         assert all(t is None or (t.dtype == u.dtype and t.is_contiguous()) for t in (u, delta, z))
-        assert all(t is None or (t.dtype == F32 and t.is_contiguous()) for t in (A, B, C, D, delta_bias))
+        assert all(t is None or (t.dtype == F32 and t.is_contiguous())
+                   for t in (A, B, C, D, delta_bias))
         assert B.dim() == 4 and C.dim() == 4
 
     def fwd(self, u, delta, A, B, C, D, z, delta_bias, softplus, save_all):
@@ -117,10 +128,12 @@ class StandIn:
 
     def bwd(self, u, delta, A, B, C, D, z, delta_bias, softplus, dout, ckpt, dlast):
         self.check(u, delta, A, B, C, D, z, delta_bias)
-        assert dout.dtype == u.dtype and dout.is_contiguous() and ckpt.shape[2] == -(-u.shape[2] // 64)
+        assert (dout.dtype == u.dtype and dout.is_contiguous()
+                and ckpt.shape[2] == -(-u.shape[2] // 64))
         d = u.shape[1]
-        given = [u, delta, A, B, C, torch.zeros(d) if D is None else D,
-                 torch.zeros(d) if delta_bias is None else delta_bias] + ([z] if z is not None else [])
+        given = ([u, delta, A, B, C, torch.zeros(d) if D is None else D,
+                  torch.zeros(d) if delta_bias is None else delta_bias]
+                 + ([z] if z is not None else []))
         leaves = [t.detach().float().requires_grad_() for t in given]
         zf = leaves[7] if z is not None else None
         with torch.enable_grad():  # a backward runs without grad mode
@@ -171,8 +184,9 @@ def test_state_sizes_and_groups(ext, n, groups):
 @gpu
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 @pytest.mark.parametrize("D,z,bias,softplus,last", [
-    (False, False, False, False, False), (True, False, True, False, True), (False, True, False, True, False),
-    (True, True, False, True, True), (False, False, True, True, True)])
+    (False, False, False, False, False), (True, False, True, False, True),
+    (False, True, False, True, False), (True, True, False, True, True),
+    (False, False, True, True, True)])
 def test_options(ext, dtype, D, z, bias, softplus, last):
     torch.manual_seed(0)
     x = make_inputs(3, 32, 260, 16, dtype=dtype, D=D, z=z, bias=bias)
@@ -189,7 +203,8 @@ def test_float32_B_C(ext, dtype):
 
 @gpu
 def test_fast_decay_is_finite(ext):
-    """delta up to 10 and A down to -16: exp(delta A) underflows to 0, nothing may become NaN or inf"""
+    """delta up to 10 and A down to -16: exp(delta A) underflows to 0,
+    nothing may become NaN or inf"""
     torch.manual_seed(2)
     compare(make_inputs(2, 16, 300, 16, delta_max=10.0, A_min=-16.0), delta_softplus=False)
     x = make_inputs(2, 16, 300, 16)
@@ -232,7 +247,8 @@ def test_bad_inputs(ext):
            (dict(z=x["z"][:, :, :40]), "z must"),
            (dict(B=x["B"][:, :, :40]), "B must be"),
            (n65, "n = 65"),
-           (dict(B=x["B"].view(2, 1, 16, 50).expand(2, 3, 16, 50), C=x["C"].view(2, 1, 16, 50).expand(2, 3, 16, 50)),
+           (dict(B=x["B"].view(2, 1, 16, 50).expand(2, 3, 16, 50),
+                 C=x["C"].view(2, 1, 16, 50).expand(2, 3, 16, 50)),
             "divisible|multiple"),
            (dict(D=torch.zeros(31, device="cuda")), "D must be")]
     for change, message in bad:
@@ -253,7 +269,8 @@ n = 16
 u = torch.randn(b, d, l, device="cuda")
 A = -torch.rand(d, n, device="cuda")
 B = torch.randn(b, 1, n, l, device="cuda")
-args = dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None, delta_softplus=True, save_all=True)
+args = dict(u=u, delta=u, A=A, B=B, C=B, D=None, z=None, delta_bias=None, delta_softplus=True,
+            save_all=True)
 
 
 def fwd(**kw):  # positional, in fwd's order, kw replacing some
@@ -264,9 +281,12 @@ out, ckpt = fwd()
 cases = dict(cpu=lambda: fwd(u=u.cpu()), double=lambda: fwd(u=u.double(), delta=u.double()),
              delta=lambda: fwd(delta=u.half()), z=lambda: fwd(z=u[..., :40].contiguous()),
              strided=lambda: fwd(u=u.transpose(0, 1).contiguous().transpose(0, 1)),
-             Bshape=lambda: fwd(B=B[..., :40].contiguous()), n65=lambda: fwd(A=torch.zeros(d, 65, device="cuda")),
-             groups=lambda: fwd(B=B.expand(b, 3, n, l).contiguous(), C=B.expand(b, 3, n, l).contiguous()),
-             D=lambda: fwd(D=torch.zeros(31, device="cuda")), empty=lambda: fwd(u=u[..., :0], delta=u[..., :0]),
+             Bshape=lambda: fwd(B=B[..., :40].contiguous()),
+             n65=lambda: fwd(A=torch.zeros(d, 65, device="cuda")),
+             groups=lambda: fwd(B=B.expand(b, 3, n, l).contiguous(),
+                                C=B.expand(b, 3, n, l).contiguous()),
+             D=lambda: fwd(D=torch.zeros(31, device="cuda")),
+             empty=lambda: fwd(u=u[..., :0], delta=u[..., :0]),
              ckpt=lambda: ext.bwd(u, u, A, B, B, None, None, None, True, out, ckpt[:, :, :0], None))
 for name, f in cases.items():
     try:
@@ -279,13 +299,16 @@ for name, f in cases.items():
 
 @gpu
 def test_kernel_checks(ext):
-    """the kernel's own TORCH_CHECKs give a readable RuntimeError, never a crash (run apart, so a crash fails here)"""
-    r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + KERNEL_CHECKS], capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, f"crashed with exit code {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
-    expected = dict(cpu="CUDA", double="float32, bfloat16 or float16", delta="delta must be", z="z must be",
-                    strided="contiguous", Bshape="B must be", n65="n = 65", groups="multiple of the number of groups",
-                    D="D must be", empty="empty", ckpt="checkpoints of fwd")
+    """the kernel's own TORCH_CHECKs give a readable RuntimeError, never a crash
+    (run apart, so a crash fails here)"""
+    r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + KERNEL_CHECKS],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (f"crashed with exit code {r.returncode}:\n{r.stdout}\n"
+                               f"{r.stderr[-3000:]}")
+    expected = dict(cpu="CUDA", double="float32, bfloat16 or float16", delta="delta must be",
+                    z="z must be", strided="contiguous", Bshape="B must be", n65="n = 65",
+                    groups="multiple of the number of groups", D="D must be", empty="empty",
+                    ckpt="checkpoints of fwd")
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
     for name, message in expected.items():
         assert message in lines.get(name, ""), f"{name}: {lines.get(name)}"
@@ -308,7 +331,8 @@ def test_torch_compile(ext):
 @gpu
 @pytest.mark.parametrize("autocast", [False, True])
 def test_model_loss_curve_kernel_matches_fallback(ext, monkeypatch, autocast):
-    """the cifar model trained 200 steps gives the same loss curve with the kernel as with the PyTorch scan"""
+    """the cifar model trained 200 steps gives the same loss curve with the kernel as with the
+    PyTorch scan"""
     import star
     curves = {}
     for backend in ("cuda", "torch"):
@@ -318,7 +342,8 @@ def test_model_loss_curve_kernel_matches_fallback(ext, monkeypatch, autocast):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         g = torch.Generator(device="cuda").manual_seed(0)
         coarse = torch.randn(512, 3, 8, 8, device="cuda", generator=g)
-        data = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")  # smooth, learnable images
+        # smooth, learnable images
+        data = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")
         losses = []
         for step in range(200):
             x = data[(step * 64) % 512:][:64]
@@ -330,7 +355,9 @@ def test_model_loss_curve_kernel_matches_fallback(ext, monkeypatch, autocast):
             losses.append(loss.item())
         curves[backend] = torch.tensor(losses)
     gap = ((curves["cuda"] - curves["torch"]).abs() / curves["torch"]).max().item()
-    print(f"autocast={autocast}: first {curves['torch'][0]:.4f} last torch {curves['torch'][-1]:.4f} "
-          f"cuda {curves['cuda'][-1]:.4f}, largest relative gap {gap:.2e}")
-    assert curves["torch"][-1] < 0.97 * curves["torch"][0]  # it learned something (1.044 -> 0.979 seen on an H200)
+    print(f"autocast={autocast}: first {curves['torch'][0]:.4f} "
+          f"last torch {curves['torch'][-1]:.4f} cuda {curves['cuda'][-1]:.4f}, "
+          f"largest relative gap {gap:.2e}")
+    # it learned something (1.044 -> 0.979 seen on an H200)
+    assert curves["torch"][-1] < 0.97 * curves["torch"][0]
     assert gap < (0.05 if autocast else 0.01)
