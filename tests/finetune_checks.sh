@@ -18,8 +18,8 @@ common=(--data "npz:$dir/train_0.npz" --test_data "npz:$dir/train_4.npz" --prese
         --finetune_epochs 10 --eval_every 10 --labeled 0 --progress false --seed 0 "${extra[@]}")
 python train.py --mode pretrain --out "$out/pre" "${common[@]}"
 for i in "${!variants[@]}"; do
-    python train.py --mode finetune --init "$out/pre/pretrain.pt" --out "$out/ft_$i" "${common[@]}" \
-        ${variants[$i]} > "$out/ft_$i.log" 2>&1 &
+    python train.py --mode finetune --init "$out/pre/pretrain.pt" --out "$out/ft_$i" \
+        "${common[@]}" ${variants[$i]} > "$out/ft_$i.log" 2>&1 &
 done
 wait
 for i in "${!variants[@]}"; do

@@ -1,4 +1,5 @@
-"""The model: causality of the STAR objective, separator packing, the recurrent step, presets, loading."""
+"""The model: causality of the STAR objective, separator packing, the recurrent step, presets,
+loading."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,22 +13,30 @@ def tiny(**overrides):
 
 def images(cfg, b, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g, dtype=torch.float64)
+    return torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g,
+                       dtype=torch.float64)
 
 
-@pytest.mark.parametrize("separator, cluster", [("cluster", 2), ("token", 2), ("none", 2), ("cluster", 1)])
+@pytest.mark.parametrize("separator, cluster",
+                         [("cluster", 2), ("token", 2), ("none", 2), ("cluster", 1)])
 def test_predictions_never_see_their_own_cluster_or_later(separator, cluster):
     torch.manual_seed(0)
     cfg = tiny(separator=separator, cluster=cluster, images_per_seq=3)
     model = star.StarPretrain(cfg).double().eval()
     x = images(cfg, 3)
     pred, _ = model.predict(x)  # (1, Q, p*p*C)
-    K, N, cc = cfg.images_per_seq, cfg.num_patches, cfg.cluster ** 2
-    order = star.cluster_order(cfg.grid, cfg.cluster)  # raster patch at every sequence position
-    # (image, cluster) of every target, in sequence order; comparing tuples compares sequence positions
+    K = cfg.images_per_seq
+    N = cfg.num_patches
+    cc = cfg.cluster ** 2
+    # raster patch at every sequence position
+    order = star.cluster_order(cfg.grid, cfg.cluster)
+    # (image, cluster) of every target, in sequence order; comparing tuples compares sequence
+    # positions
     where = [(int(t) // N, (int(t) % N) // cc) for t in model.target]
     clusters = N // cc
-    for k, j, i in [(k, j, i) for k, j in [(0, 0), (0, clusters - 1), (1, 0), (1, clusters // 2), (K - 1, clusters - 1)]
+    for k, j, i in [(k, j, i)
+                    for k, j in [(0, 0), (0, clusters - 1), (1, 0), (1, clusters // 2),
+                                 (K - 1, clusters - 1)]
                     for i in range(cc)]:
         y = x.clone()
         raster_patch = int(order[j * cc + i])  # patch i of cluster j
@@ -36,14 +45,16 @@ def test_predictions_never_see_their_own_cluster_or_later(separator, cluster):
         changed = (model.predict(y)[0] - pred).abs().amax(-1)[0] > 1e-12  # (Q,)
         for q, (kq, jq) in enumerate(where):
             if (kq, jq) <= (k, j):
-                assert not changed[q], f"target (image {kq}, cluster {jq}) saw a change in image {k}, cluster {j}"
+                assert not changed[q], (f"target (image {kq}, cluster {jq}) saw a change in "
+                                        f"image {k}, cluster {j}")
         later = [q for q, w in enumerate(where) if w > (k, j)]
         assert not later or changed[later].any(), "a change never reached any later prediction"
 
 
 def test_every_image_gets_the_same_separator_and_unpacking_inverts_packing():
     cfg = tiny(images_per_seq=4)
-    s, N = cfg.sep_len, cfg.num_patches
+    s = cfg.sep_len
+    N = cfg.num_patches
     sep = torch.randn(s, 8)
     tokens = torch.randn(8, N, 8)
     seq = star.pack_with_separators(tokens, sep, K=4)
@@ -63,10 +74,12 @@ def test_targets_are_exactly_the_image_patches(separator, untargeted):
     model = star.StarPretrain(cfg).double()
     x = images(cfg, 4)
     pred, target = model.predict(x)
-    K, N = cfg.images_per_seq, cfg.num_patches
+    K = cfg.images_per_seq
+    N = cfg.num_patches
     assert pred.shape == target.shape == (2, K * N - untargeted, cfg.patch_dim)
     in_seq_order = star.patchify(x, cfg.patch)[:, model.order].reshape(2, K * N, -1)
-    assert torch.equal(target, in_seq_order[:, untargeted:])  # no separator position is ever a target
+    # no separator position is ever a target
+    assert torch.equal(target, in_seq_order[:, untargeted:])
     # the loss is the MSE to per-patch normalised pixels of those targets
     norm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     torch.testing.assert_close(model(x), ((pred - norm) ** 2).mean().float())
@@ -81,7 +94,8 @@ def test_separator_gets_gradient_only_when_present():
 
 
 def test_token_and_cluster_separators_differ_in_length_only():
-    # one learnable vector, repeated: the same weights run as a one-token or a whole-cluster separator
+    # one learnable vector, repeated: the same weights run as a one-token or a whole-cluster
+    # separator
     torch.manual_seed(0)
     token = star.StarPretrain(tiny(separator="token"))
     cluster = star.StarPretrain(tiny(separator="cluster"))
@@ -106,7 +120,8 @@ def test_taps_are_spread_over_the_upper_half_as_in_arm(depth, taps, blocks):
 def test_each_decoder_layer_reads_its_own_memory():
     torch.manual_seed(0)
     model = star.StarPretrain(tiny(dec_depth=3))
-    projected, mems = [], []
+    projected = []
+    mems = []
     model.tap_proj.register_forward_hook(lambda m, args, out: projected.append(out))
     for block in model.dec_blocks:
         block.register_forward_pre_hook(lambda m, args: mems.append(args[1]))
@@ -127,7 +142,8 @@ def test_loss_by_slot_parts_add_up_to_the_loss(separator):
     per_target = star.next_cluster_loss(*model.predict(x), per_target=True)  # (2, Q)
     torch.testing.assert_close(per_target.mean(), model(x))
     rows = model.loss_by_slot(per_target.mean(0))
-    cc, N = cfg.cluster ** 2, cfg.num_patches
+    cc = cfg.cluster ** 2
+    N = cfg.num_patches
     want = [(k, part, n) for k in (1, 2, 3) for part, n in (("first", cc), ("rest", N - cc))]
     if separator == "none":
         want = want[1:]  # nothing comes before the first cluster of slot 1: no target
@@ -152,15 +168,16 @@ def test_recurrent_step_equals_parallel_forward():
 
 
 def per_direction_loop(mixer, x, perm, inverse):
-    """The mixer written as one plain scan per direction (each its own conv, x_proj, dt_proj, A, D)."""
+    """The mixer written as one plain scan per direction (each its own conv, x_proj,
+    dt_proj, A, D)."""
     b, l, _ = x.shape
     x, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
     d = x.shape[-1]
     k = mixer.conv_weight.shape[-1]
     ys = []
     for i in range(mixer.dirs):
-        u = F.conv1d(x[:, perm[i]].transpose(1, 2), mixer.conv_weight[i][:, None], mixer.conv_bias[i],
-                     padding=k - 1, groups=d)
+        u = F.conv1d(x[:, perm[i]].transpose(1, 2), mixer.conv_weight[i][:, None],
+                     mixer.conv_bias[i], padding=k - 1, groups=d)
         u = F.silu(u[..., :l])  # (b, d, l)
         dt, B, C = (mixer.x_proj[i] @ u).split(mixer.split, dim=1)
         # A, D and the Δ bias in float32, as the mixer hands them to the scan
@@ -199,10 +216,12 @@ def test_several_directions_without_orders_is_an_error():
 
 def test_preset_parameter_counts():
     # the counts in the comment above star.PRESETS: classifier / pretraining model
-    counts = {"tiny": (35_582, 52_212), "cifar": (5_629_642, 7_464_432), "base": (84_879_592, 99_243_776)}
+    counts = {"tiny": (35_582, 52_212), "cifar": (5_629_642, 7_464_432),
+              "base": (84_879_592, 99_243_776)}
     for name, want in counts.items():
         cfg = star.make_config(name)
-        got = (star.count_params(star.StarClassifier(cfg)), star.count_params(star.StarPretrain(cfg)))
+        got = (star.count_params(star.StarClassifier(cfg)),
+               star.count_params(star.StarPretrain(cfg)))
         assert got == want, (name, got)
     assert abs(counts["base"][0] / 85e6 - 1) <= 0.03  # ARM-B as finetuned: about 85M
     assert star.make_config("base").seq_len == 640 and star.make_config("cifar").seq_len == 272
@@ -215,7 +234,8 @@ def test_a_few_steps_drive_the_loss_down():
     cfg = tiny()
     model = star.StarPretrain(cfg)
     coarse = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    x = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")  # smooth, so predictable images
+    # smooth, so predictable images
+    x = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
@@ -235,7 +255,8 @@ def test_classifier_loads_pretrained_weights_into_every_direction(dirs):
     missing, unexpected = clf.load_pretrained(pre.state_dict())
     assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
     assert "separator" in unexpected and all(not k.startswith("encoder.") for k in unexpected)
-    for name in ("A_log", "D", "conv_weight", "conv_bias", "x_proj", "dt_proj_weight", "dt_proj_bias"):
+    for name in ("A_log", "D", "conv_weight", "conv_bias", "x_proj", "dt_proj_weight",
+                 "dt_proj_bias"):
         got = clf.state_dict()[f"encoder.blocks.1.mixer.{name}"]  # (dirs, ...)
         want = pre.state_dict()[f"encoder.blocks.1.mixer.{name}"]  # (1, ...)
         assert got.shape[0] == dirs and torch.equal(got, want.expand_as(got))
@@ -250,8 +271,10 @@ def test_four_way_classifier_sees_both_directions():
     y[..., -1, -1] += 5.0  # a pixel of the last patch
     for dirs, should_change in [(1, False), (4, True)]:
         enc = star.StarClassifier(tiny(scan_dirs=dirs)).double().eval()
-        tokens = lambda im: enc.encoder(enc.encoder.embed(star.patchify(im, 8)),
-                                        orders=(enc.perm, enc.inverse))[-1][:, 0]
+
+        def tokens(im):
+            return enc.encoder(enc.encoder.embed(star.patchify(im, 8)),
+                               orders=(enc.perm, enc.inverse))[-1][:, 0]
         assert (not torch.allclose(tokens(x), tokens(y), rtol=0, atol=1e-12)) == should_change
 
 

@@ -1,7 +1,8 @@
 """train.py end to end on the CPU, at sizes that keep the whole file fast.
 
-Each test runs train.py's own functions (train.main with a small command line) and checks what a user would see:
-the report, checkpoints, log lines and sample grids; exact resumption; the data loaders; the error messages.
+Each test runs train.py's own functions (train.main with a small command line) and checks what a
+user would see: the report, checkpoints, log lines and sample grids; exact resumption; the data
+loaders; the error messages.
 """
 import contextlib
 import io
@@ -69,7 +70,8 @@ def test_default_run_end_to_end(default_run, capsys):
     assert summary["ar_loss_after"] < summary["ar_loss_before"]  # pretraining learns something
     assert 0 <= summary["finetune_acc"] <= 1 and 0 <= summary["scratch_acc"] <= 1
     assert summary["labeled"] == 48 and summary["train"] == 96  # finetuning: the labelled part
-    for name in ("pretrain.pt", "finetune.pt", "scratch.pt", "samples_pretrain_e000.png", "samples_pretrain_e002.png"):
+    for name in ("pretrain.pt", "finetune.pt", "scratch.pt", "samples_pretrain_e000.png",
+                 "samples_pretrain_e002.png"):
         assert os.path.isfile(out / name), name
     ft = [r for r in records(out) if r.get("phase") == "finetune" and r["epoch"] == 1][0]
     assert ft["step"] == 48 // 16  # an epoch of finetuning is the labelled images only
@@ -105,7 +107,8 @@ def test_default_report_is_one_screen_of_what_a_learner_needs(default_run):
 
 
 def test_report_printed(tmp_path, capsys):
-    run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false")
+    run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1",
+        "--compare_scratch", "false")
     text = capsys.readouterr().out
     assert "AR loss (test)" in text and "test accuracy" in text and "finetuned" in text
 
@@ -146,7 +149,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, ph
     assert (ckpt["epoch"], ckpt["step"]) == (1, 6)
     monkeypatch.setattr(train, "random_crops", crops)
     run(tmp_path / "b", *argv, "--resume")
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rs if "phase" in r]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rs if "phase" in r]
     a = torch.load(tmp_path / "a" / f"{phase}.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / f"{phase}.pt", weights_only=False)
     assert (a["ema"] is None) == (phase == "pretrain")
@@ -202,17 +207,21 @@ def test_npz_loader(tmp_path):
     for i in range(2):
         write_npz(tmp_path / f"train_{i}.npz", xs[i], ys[i])
     write_npz(tmp_path / "test.npz", xs[2], ys[2])
-    args = train.parse_args(["--data", f"npz:{tmp_path}/train_*.npz", "--test_data", f"npz:{tmp_path}/test.npz"])
+    args = train.parse_args(["--data", f"npz:{tmp_path}/train_*.npz",
+                             "--test_data", f"npz:{tmp_path}/test.npz"])
     data = train.load_data(args, CPU)
     x = np.concatenate(xs[:2])
     assert torch.equal(data.x, torch.from_numpy(x).permute(0, 3, 1, 2))
     assert torch.equal(data.y, torch.from_numpy(np.concatenate(ys[:2])))
     assert data.x_test.shape == (10, 3, 16, 16)
-    assert torch.allclose(data.mean.flatten(), torch.tensor(x.reshape(-1, 3).mean(0) / 255, dtype=torch.float32))
-    assert torch.allclose(data.std.flatten(), torch.tensor(x.reshape(-1, 3).std(0) / 255, dtype=torch.float32))
+    assert torch.allclose(data.mean.flatten(),
+                          torch.tensor(x.reshape(-1, 3).mean(0) / 255, dtype=torch.float32))
+    assert torch.allclose(data.std.flatten(),
+                          torch.tensor(x.reshape(-1, 3).std(0) / 255, dtype=torch.float32))
     # no test split: 10% held out, the same every time
     args = train.parse_args(["--data", f"npz:{tmp_path}/train_*.npz"])
-    one, two = train.load_data(args, CPU), train.load_data(args, CPU)
+    one = train.load_data(args, CPU)
+    two = train.load_data(args, CPU)
     assert (len(one.x), len(one.x_test)) == (18, 2) and torch.equal(one.x_test, two.x_test)
     with pytest.raises(ValueError, match="matches no files"):
         train.load_data(train.parse_args(["--data", f"npz:{tmp_path}/nothing_*.npz"]), CPU)
@@ -235,7 +244,8 @@ def test_folder_loader(tmp_path):
     px = write_folder(tmp_path / "train", ["cat", "dog"], 3, 16)
     write_folder(tmp_path / "val", ["cat", "dog"], 2, 16, seed=1)
     data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}"]), CPU)
-    assert data.x.shape == (6, 3, 16, 16) and data.x_test.shape == (4, 3, 16, 16) and data.num_classes == 2
+    assert (data.x.shape == (6, 3, 16, 16) and data.x_test.shape == (4, 3, 16, 16)
+            and data.num_classes == 2)
     assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(data.x[4], torch.from_numpy(px[("dog", 1)]).permute(2, 0, 1))
     # one folder, grayscale: split 90/10 deterministically, one channel
@@ -257,9 +267,9 @@ def test_grayscale_24px_trains(tmp_path):
     x, y = train.synthetic_shapes(64, 24, seed=3)
     write_npz(tmp_path / "gray.npz", x.float().mean(1).round().to(torch.uint8).numpy(), y.numpy())
     out = tmp_path / "run"
-    summary = train.main(["--out", str(out), "--data", f"npz:{tmp_path}/gray.npz", "--patch", "4", "--batch_size",
-                          "16", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false",
-                          "--progress", "false"])
+    summary = train.main(["--out", str(out), "--data", f"npz:{tmp_path}/gray.npz", "--patch", "4",
+                          "--batch_size", "16", "--pretrain_epochs", "1", "--finetune_epochs", "1",
+                          "--compare_scratch", "false", "--progress", "false"])
     assert np.isfinite(summary["ar_loss_after"]) and "finetune_acc" in summary
     cfg = torch.load(out / "finetune.pt", weights_only=False)["config"]
     assert (cfg["in_chans"], cfg["img_size"], cfg["num_classes"]) == (1, 24, 10)
@@ -323,7 +333,8 @@ def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, t
     result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "pretrain.pt"))
     assert result["test_loss"] == summary["ar_loss_after"]
     parts = {k: v for k, v in result.items() if k.startswith("loss_slot")}
-    assert sorted(parts) == ["loss_slot1_first", "loss_slot1_rest", "loss_slot2_first", "loss_slot2_rest"]
+    assert sorted(parts) == ["loss_slot1_first", "loss_slot1_rest", "loss_slot2_first",
+                             "loss_slot2_rest"]
     # K=2 images of N patches, first clusters of c*c; the parts weighted by their targets
     cfg = torch.load(out / "pretrain.pt", weights_only=False)["config"]
     cc = cfg["cluster"] ** 2
@@ -336,33 +347,41 @@ def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, t
 
 
 def test_pretraining_clips_the_gradient_norm_and_finetuning_does_not(tmp_path, monkeypatch):
-    clip, calls = torch.nn.utils.clip_grad_norm_, []
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
 
     def spy(params, max_norm, *a, **k):
         calls.append(max_norm)
         return clip(params, max_norm, *a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false")
+    run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1",
+        "--compare_scratch", "false")
     assert calls == [3.0] * (96 // 16)  # every pretraining step, no finetuning step
-    # gradients clipped to almost nothing shrink AdamW's steps (against its eps): the clip acts on the step
+    # gradients clipped to almost nothing shrink AdamW's steps (against its eps): the clip acts
+    # on the step
     run(tmp_path / "c", "--mode", "pretrain", "--pretrain_epochs", "1", "--clip_grad", "1e-12")
 
     def moved(name):  # how far one epoch moved the AR test loss
-        before, after = [r["test_loss"] for r in records(tmp_path / name) if r.get("phase") == "pretrain"]
+        before, after = [r["test_loss"] for r in records(tmp_path / name)
+                         if r.get("phase") == "pretrain"]
         return abs(after - before)
     assert moved("c") < moved("r") / 100, (moved("c"), moved("r"))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    loss, calls = star.next_cluster_loss, {"n": 0}
+    loss = star.next_cluster_loss
+    calls = {"n": 0}
 
     def nan_from_step_8(*a):
         calls["n"] += 1
         return loss(*a) * (float("nan") if calls["n"] >= 8 else 1.0)
     run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "1")
-    monkeypatch.setattr(star, "next_cluster_loss", nan_from_step_8)  # after the first eval and epoch
-    # resumed at step 6: epoch 2 is steps 7-12 (calls 1-6), then step 14 (call 8) is the first bad one
-    with pytest.raises(SystemExit, match=r"loss became nan at step 14 \(epoch 3, batch 2\).*epoch 2"):
+    # after the first eval and epoch
+    monkeypatch.setattr(star, "next_cluster_loss", nan_from_step_8)
+    # resumed at step 6: epoch 2 is steps 7-12 (calls 1-6), then step 14 (call 8) is the
+    # first bad one
+    with pytest.raises(SystemExit,
+                       match=r"loss became nan at step 14 \(epoch 3, batch 2\).*epoch 2"):
         run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "3", "--resume")
     ckpt = torch.load(tmp_path / "r" / "pretrain.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -371,15 +390,16 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 def test_two_processes_match_one(tmp_path):
     """DDP (gloo on CPUs): 2 processes at the same global batch give the loss curve of 1, and
     the finetuning phase reads the pretraining checkpoint only once rank 0 has written it."""
-    common = [*SMALL, "--pretrain_epochs", "1", "--finetune_epochs", "1", "--compare_scratch", "false",
-              "--device", "cpu"]
+    common = [*SMALL, "--pretrain_epochs", "1", "--finetune_epochs", "1",
+              "--compare_scratch", "false", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "one"), *common], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "train.py", "--out", str(tmp_path / "two"), *common], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "one"), *common], cwd=ROOT,
+                   env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "2", "train.py", "--out", str(tmp_path / "two"), *common],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    one = records(tmp_path / "one")
+    two = records(tmp_path / "two")
     for a, b in zip(one[:2], two[:2]):
         for key in ("loss", "test_loss"):
             if key in a:
@@ -388,24 +408,28 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_cifar10_table_script_runs_every_row(tmp_path):
-    """tests/cifar10_table.sh (the README's CIFAR-10 table) at a tiny size: every row, phase and checkpoint."""
-    small = ["--data", "synthetic", "--preset", "tiny", "--num_train", "64", "--num_test", "32", "--batch_size", "32",
-             "--pretrain_epochs", "1", "--finetune_epochs", "1"]
+    """tests/cifar10_table.sh (the README's CIFAR-10 table) at a tiny size: every row, phase and
+    checkpoint."""
+    small = ["--data", "synthetic", "--preset", "tiny", "--num_train", "64", "--num_test", "32",
+             "--batch_size", "32", "--pretrain_epochs", "1", "--finetune_epochs", "1"]
     done = subprocess.run(["bash", "tests/cifar10_table.sh", str(tmp_path), "3", *small], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stdout + done.stderr
     phases = {"scratch": ["finetune"], "arm": ["pretrain", "probe", "finetune"],
-              "concat": ["pretrain", "probe", "finetune"], "star": ["pretrain", "probe", "finetune"]}
+              "concat": ["pretrain", "probe", "finetune"],
+              "star": ["pretrain", "probe", "finetune"]}
     printed = [line.rsplit(" ", 2)[0] for line in done.stdout.splitlines()]
-    assert sorted(printed) == sorted(f"{row}: {phase}" for row, ps in phases.items() for phase in ps)
+    assert sorted(printed) == sorted(f"{row}: {phase}"
+                                     for row, ps in phases.items() for phase in ps)
     for row, ps in phases.items():
         assert set(os.listdir(tmp_path / f"{row}_s3")) >= {f"{p}.pt" for p in ps}
         logged = [r for r in records(tmp_path / f"{row}_s3") if "summary" not in r]
         assert {r["phase"] for r in logged} == set(ps)
     configs = {row: torch.load(tmp_path / f"{row}_s3" / "pretrain.pt", weights_only=False)["config"]
                for row in ("arm", "concat", "star")}
-    assert [(c["images_per_seq"], c["separator"]) for c in configs.values()] == [(1, "none"), (4, "none"),
-                                                                                (4, "cluster")]
+    assert [(c["images_per_seq"], c["separator"]) for c in configs.values()] == [
+        (1, "none"), (4, "none"), (4, "cluster")]
 
 
 def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
@@ -424,11 +448,13 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
     assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
     table = subprocess.run([sys.executable, "tests/evidence_table.py", str(tmp_path / "ev")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
-    for row in ("| scratch | 2 |", "| ARM (K=1, no separator) | 2 |", "| STAR (K=4, separators) | 2 |",
+    for row in ("| scratch | 2 |", "| ARM (K=1, no separator) | 2 |",
+                "| STAR (K=4, separators) | 2 |",
                 "| STAR - concatenation |", "| STAR K=8 | 1 |", "| concatenation K=8 | 1 |",
                 "| 8 | 544 |", "| 2 | 136 |", "Two minus four directions, paired"):
         assert row in table, table
-    assert "1: - /" in table  # without a separator the first image's first cluster is no target
+    # without a separator the first image's first cluster is no target
+    assert "1: - /" in table
 
 
 def test_paired_interval_is_students_t():
@@ -441,9 +467,11 @@ def test_paired_interval_is_students_t():
 
 
 def test_precision_follows_the_card(monkeypatch):
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    cpu = torch.device("cpu")
+    gpu = torch.device("cuda", 0)
     assert train.autocast_dtype("auto", cpu) == torch.float32
-    for capability, dtype in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+    for capability, dtype in [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                              ((9, 0), torch.bfloat16)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         assert train.autocast_dtype("auto", gpu) == dtype, capability
     assert train.autocast_dtype("fp16", gpu) == torch.float16
@@ -451,7 +479,8 @@ def test_precision_follows_the_card(monkeypatch):
 
 
 def test_fp16_trains_with_a_gradient_scaler_that_is_checkpointed(tmp_path):
-    summary = run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "1", "--precision", "fp16")
+    summary = run(tmp_path / "r", "--mode", "pretrain", "--pretrain_epochs", "1",
+                  "--precision", "fp16")
     assert summary["ar_loss_after"] < summary["ar_loss_before"]
     scaler = torch.load(tmp_path / "r" / "pretrain.pt", weights_only=False)["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
