@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's CIFAR-10 table: scratch | ARM (K=1, no separator) | concatenation (K=4, no
-# separator) | STAR (K=4, separators), the same `cifar` model and the same finetuning recipe for
-# every row, then a linear probe of each pretrained encoder (frozen, its own causal scan). One row
-# per GPU, in parallel when there are several.
+# The full-recipe CIFAR-10 table (tests/results/README.md): scratch | ARM (K=1, no separator) |
+# concatenation (K=4, no separator) | STAR (K=4, separators), the same `cifar` model and the same
+# finetuning recipe for every row, then a linear probe of each pretrained encoder (frozen, its own
+# causal scan). One row per GPU, in parallel when there are several.
 #
 #   bash tests/cifar10_table.sh OUT SEED [train.py flags...]        (run from the repository root)
 #   bash tests/cifar10_table.sh runs/c10 0                          # CIFAR-10 through torchvision

@@ -408,7 +408,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_cifar10_table_script_runs_every_row(tmp_path):
-    """tests/cifar10_table.sh (the README's CIFAR-10 table) at a tiny size: every row, phase and
+    """tests/cifar10_table.sh (the full-recipe table) at a tiny size: every row, phase and
     checkpoint."""
     small = ["--data", "synthetic", "--preset", "tiny", "--num_train", "64", "--num_test", "32",
              "--batch_size", "32", "--pretrain_epochs", "1", "--finetune_epochs", "1"]
