@@ -5,28 +5,35 @@
 # training images).
 #
 #   bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]   (DIR: CIFAR-10's train_*.npz, test.npz)
+#   bash tests/evidence.sh OUT cifar10                 # CIFAR-10 through torchvision instead
 #   python tests/evidence_table.py OUT                 # the tables, with paired intervals
 #
 # A job is one row and seed: pretrain, the slot table (--mode eval), a linear probe, finetune;
 # STAR rows also finetune with two and with four directions on 45,000 training images and test on
-# the 5,000 held out (train.py's split when no --test_data is given). Jobs run WORKERS_PER_GPU at
-# a time on every GPU (a pretraining step at batch 512 leaves an H200 idle half the time), so the
-# wall times in OUT/*.log are not speeds. Env: SEEDS (default "0 1 2"), PRE and FT (epochs,
-# default 12 and 6), EXTRA (more train.py flags, e.g. for a quick check on a CPU).
+# the 5,000 held out (train.py's split when no --test_data is given; npz only). Jobs run
+# WORKERS_PER_GPU at a time on every GPU (a pretraining step at batch 512 leaves an H200 idle half
+# the time), so the wall times in OUT/*.log are not speeds. Env: SEEDS (default "0 1 2"), PRE, FT
+# and PROBE_EPOCHS (default 12, 6 and 5; tests/results/README.md's full-recipe table: 36, 15 and
+# 8), EXTRA (more train.py flags, e.g. for a quick check on a CPU).
 set -euo pipefail
 OUT=${1:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
 DIR=${2:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
 WORKERS=${3:-2}
-for f in train_0 train_1 train_2 train_3 train_4 test; do
-    [ -f "$DIR/$f.npz" ] || { echo "evidence.sh: $DIR/$f.npz is missing" >&2; exit 2; }
-done
+TEST=(--data cifar10)
+HELD=()
+if [ "$DIR" != cifar10 ]; then
+    for f in train_0 train_1 train_2 train_3 train_4 test; do
+        [ -f "$DIR/$f.npz" ] || { echo "evidence.sh: $DIR/$f.npz is missing" >&2; exit 2; }
+    done
+    TEST=(--data "npz:$DIR/train_*.npz" --test_data "npz:$DIR/test.npz")
+    HELD=(--data "npz:$DIR/train_*.npz")  # no test split: train.py holds out 5,000 training images
+fi
 PY=$(command -v python || command -v python3)
-TEST=(--data "npz:$DIR/train_*.npz" --test_data "npz:$DIR/test.npz")
-HELD=(--data "npz:$DIR/train_*.npz")  # no test split: train.py holds out 5,000 training images
 COMMON=(--preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --pretrain_epochs "${PRE:-12}"
         --ft_lr 1e-3 --finetune_epochs "${FT:-6}" --eval_every 6 --labeled 0 --progress false
         ${EXTRA:-})
-PROBE=(--mode probe --scan_dirs 1 --finetune_epochs 5 --ft_lr 5e-3 --eval_every 5)
+PROBE=(--mode probe --scan_dirs 1 --finetune_epochs "${PROBE_EPOCHS:-5}" --ft_lr 5e-3
+       --eval_every "${PROBE_EPOCHS:-5}")
 JOBS=()  # NAME SEED STEPS [model flags]
 for s in ${SEEDS:-0 1 2}; do
     JOBS+=("star $s pre,probe,ft,heldout --images_per_seq 4 --separator cluster"
@@ -70,7 +77,7 @@ job() {  # job NAME SEED STEPS [model flags...]
         step "$name: finetune" "${run[@]}" "${TEST[@]}" "${init[@]}" --mode finetune --out "$dir" \
             || return 1
     fi
-    if [[ $steps == *heldout* ]]; then
+    if [[ $steps == *heldout* && ${#HELD[@]} -gt 0 ]]; then
         for dirs in 4 2; do
             step "$name: held-out dirs $dirs" "${run[@]}" "${HELD[@]}" "${init[@]}" \
                 --mode finetune --scan_dirs "$dirs" --out "$dir/heldout_dirs$dirs" || return 1

@@ -407,31 +407,6 @@ def test_two_processes_match_one(tmp_path):
     assert "finetune_acc" in two[-1]["summary"]
 
 
-def test_cifar10_table_script_runs_every_row(tmp_path):
-    """tests/cifar10_table.sh (the full-recipe table) at a tiny size: every row, phase and
-    checkpoint."""
-    small = ["--data", "synthetic", "--preset", "tiny", "--num_train", "64", "--num_test", "32",
-             "--batch_size", "32", "--pretrain_epochs", "1", "--finetune_epochs", "1"]
-    done = subprocess.run(["bash", "tests/cifar10_table.sh", str(tmp_path), "3", *small], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 0, done.stdout + done.stderr
-    phases = {"scratch": ["finetune"], "arm": ["pretrain", "probe", "finetune"],
-              "concat": ["pretrain", "probe", "finetune"],
-              "star": ["pretrain", "probe", "finetune"]}
-    printed = [line.rsplit(" ", 2)[0] for line in done.stdout.splitlines()]
-    assert sorted(printed) == sorted(f"{row}: {phase}"
-                                     for row, ps in phases.items() for phase in ps)
-    for row, ps in phases.items():
-        assert set(os.listdir(tmp_path / f"{row}_s3")) >= {f"{p}.pt" for p in ps}
-        logged = [r for r in records(tmp_path / f"{row}_s3") if "summary" not in r]
-        assert {r["phase"] for r in logged} == set(ps)
-    configs = {row: torch.load(tmp_path / f"{row}_s3" / "pretrain.pt", weights_only=False)["config"]
-               for row in ("arm", "concat", "star")}
-    assert [(c["images_per_seq"], c["separator"]) for c in configs.values()] == [
-        (1, "none"), (4, "none"), (4, "cluster")]
-
-
 def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
     """tests/evidence.sh (the README's table, slot losses, K, scan directions) at a tiny size, then
     tests/evidence_table.py over what it wrote."""
@@ -455,6 +430,18 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
         assert row in table, table
     # without a separator the first image's first cluster is no target
     assert "1: - /" in table
+    phases = {"scratch": ["finetune"], "arm": ["pretrain", "probe", "finetune"],
+              "concat": ["pretrain", "probe", "finetune"],
+              "star": ["pretrain", "probe", "finetune"]}
+    for row, ps in phases.items():
+        run_dir = tmp_path / "ev" / f"{row}_s1"
+        assert set(os.listdir(run_dir)) >= {f"{p}.pt" for p in ps}
+        logged = [r for r in records(run_dir) if "summary" not in r]
+        assert {r["phase"] for r in logged} == set(ps)
+    configs = [torch.load(tmp_path / "ev" / f"{row}_s1" / "pretrain.pt",
+                          weights_only=False)["config"] for row in ("arm", "concat", "star")]
+    assert [(c["images_per_seq"], c["separator"]) for c in configs] == [
+        (1, "none"), (4, "none"), (4, "cluster")]
 
 
 def test_paired_interval_is_students_t():
