@@ -725,12 +725,12 @@ def _patch_stats(patches, eps=1e-6):
     return mean, std
 
 
-def next_cluster_loss(pred, patches, eps=1e-6, per_target=False):
+def next_cluster_loss(pred, patches, per_target=False):
     """MSE against per-patch normalised pixels: each patch minus its mean, over its std.
 
     pred, patches (..., p*p*C). Returns the mean, or with per_target the MSE of every target (...).
     """
-    mean, std = _patch_stats(patches, eps)
+    mean, std = _patch_stats(patches)
     norm = ((patches - mean) / std).float()  # (..., p*p*C)
     if per_target:
         return F.mse_loss(pred.float(), norm, reduction="none").mean(-1)  # (...,)
