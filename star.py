@@ -772,8 +772,8 @@ def _init_linear(module):
                 nn.init.zeros_(m.bias)
 
 
-def _check_images(imgs, cfg, model):
-    want = (cfg.in_chans, cfg.img_size, cfg.img_size)
+def _check_images(imgs, model):
+    want = (model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size)
     if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:
         raise ValueError(f"expected images (b, {want[0]}, {want[1]}, {want[2]}) for this config, "
                          f"got {tuple(imgs.shape)}")
@@ -823,7 +823,7 @@ class StarPretrain(nn.Module):
         target patch.
         """
         cfg = self.cfg
-        _check_images(imgs, cfg, self)
+        _check_images(imgs, self)
         patches = patchify(imgs, cfg.patch)  # (b, N, p*p*C) in raster order
         tokens = self.encoder.embed(patches)[:, self.order]  # (b, N, width) in sequence order
         separator = self.separator.expand(cfg.sep_len, -1)  # (s, width): one vector, s times
@@ -896,7 +896,7 @@ class StarClassifier(nn.Module):
 
     def features(self, imgs):
         """(b, C, H, W) -> (b, width): mean of the patch tokens."""
-        _check_images(imgs, self.cfg, self)
+        _check_images(imgs, self)
         tokens = self.encoder.embed(patchify(imgs, self.cfg.patch))  # (b, N, width)
         x = self.encoder(tokens, orders=(self.perm, self.inverse))[-1]  # (b, N, width)
         return self.norm(x.mean(1))
