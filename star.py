@@ -829,7 +829,8 @@ class StarPretrain(nn.Module):
         separator = self.separator.expand(cfg.sep_len, -1)  # (s, width): one vector, s times
         seq = pack_with_separators(tokens, separator, cfg.images_per_seq)  # (b/K, L, width)
         feats = self.encoder(seq, taps_at=self.taps_at)  # taps x (b/K, L, width)
-        tapped = torch.cat([n(f) for n, f in zip(self.tap_norms, feats)], dim=-1)  # (b/K, L, t*w)
+        normed = [norm(f) for norm, f in zip(self.tap_norms, feats)]  # taps x (b/K, L, width)
+        tapped = torch.cat(normed, dim=-1)  # (b/K, L, taps*width)
         mems = self.tap_proj(tapped).chunk(cfg.dec_depth, dim=-1)  # dec_depth x (b/K, L, e)
         x = (self.query + self.dec_pos).expand(seq.shape[0], -1, -1)  # (b/K, Q, e)
         for block, mem in zip(self.dec_blocks, mems):
