@@ -188,7 +188,7 @@ class _ScanCore(torch.autograd.Function):
         d_du = torch.empty_like(ut)  # (b, l, d): dL/d(Δ_t u_t)
         ddelta = torch.empty_like(ut)  # (b, l, d)
         dA_param = torch.zeros_like(A)  # (d, n)
-        carry = torch.zeros_like(h[:, 0]) if dh_last is None else dh_last  # (b, d, n): from later
+        carry = dh_last  # (b, d, n): from later steps; autograd passes zeros when it is unused
         chunk = -(-l // 8)
         for s in reversed(range(0, l, chunk)):
             e = min(s + chunk, l)
@@ -725,12 +725,12 @@ def _patch_stats(patches, eps=1e-6):
     return mean, std
 
 
-def next_cluster_loss(pred, patches, eps=1e-6, per_target=False):
+def next_cluster_loss(pred, patches, per_target=False):
     """MSE against per-patch normalised pixels: each patch minus its mean, over its std.
 
     pred, patches (..., p*p*C). Returns the mean, or with per_target the MSE of every target (...).
     """
-    mean, std = _patch_stats(patches, eps)
+    mean, std = _patch_stats(patches)
     norm = ((patches - mean) / std).float()  # (..., p*p*C)
     if per_target:
         return F.mse_loss(pred.float(), norm, reduction="none").mean(-1)  # (...,)
@@ -772,8 +772,8 @@ def _init_linear(module):
                 nn.init.zeros_(m.bias)
 
 
-def _check_images(imgs, cfg, model):
-    want = (cfg.in_chans, cfg.img_size, cfg.img_size)
+def _check_images(imgs, model):
+    want = (model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size)
     if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:
         raise ValueError(f"expected images (b, {want[0]}, {want[1]}, {want[2]}) for this config, "
                          f"got {tuple(imgs.shape)}")
@@ -823,13 +823,14 @@ class StarPretrain(nn.Module):
         target patch.
         """
         cfg = self.cfg
-        _check_images(imgs, cfg, self)
+        _check_images(imgs, self)
         patches = patchify(imgs, cfg.patch)  # (b, N, p*p*C) in raster order
         tokens = self.encoder.embed(patches)[:, self.order]  # (b, N, width) in sequence order
         separator = self.separator.expand(cfg.sep_len, -1)  # (s, width): one vector, s times
         seq = pack_with_separators(tokens, separator, cfg.images_per_seq)  # (b/K, L, width)
         feats = self.encoder(seq, taps_at=self.taps_at)  # taps x (b/K, L, width)
-        tapped = torch.cat([n(f) for n, f in zip(self.tap_norms, feats)], dim=-1)  # (b/K, L, t*w)
+        normed = [norm(f) for norm, f in zip(self.tap_norms, feats)]  # taps x (b/K, L, width)
+        tapped = torch.cat(normed, dim=-1)  # (b/K, L, taps*width)
         mems = self.tap_proj(tapped).chunk(cfg.dec_depth, dim=-1)  # dec_depth x (b/K, L, e)
         x = (self.query + self.dec_pos).expand(seq.shape[0], -1, -1)  # (b/K, Q, e)
         for block, mem in zip(self.dec_blocks, mems):
@@ -896,7 +897,7 @@ class StarClassifier(nn.Module):
 
     def features(self, imgs):
         """(b, C, H, W) -> (b, width): mean of the patch tokens."""
-        _check_images(imgs, self.cfg, self)
+        _check_images(imgs, self)
         tokens = self.encoder.embed(patchify(imgs, self.cfg.patch))  # (b, N, width)
         x = self.encoder(tokens, orders=(self.perm, self.inverse))[-1]  # (b, N, width)
         return self.norm(x.mean(1))
