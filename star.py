@@ -249,12 +249,17 @@ def _find_cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         nvcc = os.path.realpath(nvcc)
-        with open(nvcc, "rb") as f:
-            head = f.read(4096)
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+        except OSError:  # unreadable: only its own folder is tried
+            head = b""
         named = re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head) if head.startswith(b"#!") else []
         homes = [os.path.dirname(os.path.dirname(nvcc))] + [m.decode() for m in named] + homes
     for home in homes:
-        libs = [os.path.join(home, lib, "libcudart.so") for lib in ("lib64", "lib")]
+        # lib64, lib; conda's toolkits keep libcudart under targets/
+        folders = ("lib64", "lib", "targets/x86_64-linux/lib")
+        libs = [os.path.join(home, lib, "libcudart.so") for lib in folders]
         if os.path.isfile(os.path.join(home, "bin", "nvcc")) and any(map(os.path.exists, libs)):
             return home
     return None

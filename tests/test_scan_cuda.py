@@ -146,6 +146,18 @@ class StandIn:
                 torch.nn.functional.pad(g[4], pad), g[5], dz, g[6]]
 
 
+@pytest.mark.parametrize("lib", ["lib64", "targets/x86_64-linux/lib"])  # the second: conda's
+def test_cuda_toolkit_is_found_through_nvcc_on_path(tmp_path, monkeypatch, lib):
+    home = tmp_path / "toolkit"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("")
+    (home / "bin" / "nvcc").chmod(0o755)
+    (home / lib).mkdir(parents=True)
+    (home / lib / "libcudart.so").write_text("")
+    monkeypatch.setenv("PATH", str(home / "bin"))
+    assert _find_cuda_home() == str(home)
+
+
 @pytest.mark.parametrize("dtype,bc_dtype,groups,D,z,bias,last", [
     (F32, F32, None, True, True, True, True), (BF16, F32, 2, True, True, True, True),
     (BF16, BF16, None, False, True, False, False), (F16, F16, 2, True, False, True, True),
