@@ -391,7 +391,7 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     return _CudaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def _scan_backend(u, delta, z):
+def _scan_backend(u, delta, A, z):
     """Which scan runs, and why. STAR_SCAN=auto (the default) takes the CUDA kernel for GPU inputs
     where it builds, else the PyTorch scan; STAR_SCAN=cuda, torch or ref forces one."""
     choice = os.environ.get("STAR_SCAN", "auto")
@@ -404,6 +404,8 @@ def _scan_backend(u, delta, z):
         why_not = "the inputs are on the CPU"
     elif len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
         why_not = "the kernel takes u, delta, z of one dtype: float32, bfloat16 or float16"
+    elif A.shape[-1] > 64:
+        why_not = f"the kernel takes state sizes up to 64, not {A.shape[-1]}"
     else:
         why_not = _cuda_kernel()[1]
     if why_not is None:
@@ -419,7 +421,7 @@ _backend_logged = set()
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
     """The scan the model calls: the CUDA kernel on a GPU, else the PyTorch scan (_scan_backend)."""
-    backend, why = _scan_backend(u, delta, z)
+    backend, why = _scan_backend(u, delta, A, z)
     if backend not in _backend_logged:  # once per backend: one line, a warning if a GPU goes slow
         _backend_logged.add(backend)
         slow = backend == "torch" and u.is_cuda

@@ -6,6 +6,7 @@ GPU or not.
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from star import (_cuda_kernel, _find_cuda_home, selective_scan_cuda,  # noqa: E402
                   selective_scan_ref)
+import star  # noqa: E402
 
 F32 = torch.float32
 BF16 = torch.bfloat16
@@ -144,6 +146,16 @@ class StandIn:
         dz = g[7].to(u.dtype) if z is not None else u.new_empty(0)
         return [g[0].to(u.dtype), g[1].to(u.dtype), g[2], torch.nn.functional.pad(g[3], pad),
                 torch.nn.functional.pad(g[4], pad), g[5], dz, g[6]]
+
+
+def test_state_sizes_over_64_fall_back_to_pytorch(monkeypatch):
+    gpu_input = SimpleNamespace(is_cuda=True, dtype=torch.float32)  # stands in for a CUDA tensor
+    A = torch.zeros(4, 65)  # (d, n): n = 65, beyond the kernel
+    backend, why = star._scan_backend(gpu_input, gpu_input, A, None)
+    assert backend == "torch" and "state sizes up to 64" in why
+    monkeypatch.setenv("STAR_SCAN", "cuda")
+    with pytest.raises(RuntimeError, match="state sizes up to 64"):
+        star._scan_backend(gpu_input, gpu_input, A, None)
 
 
 @pytest.mark.parametrize("lib", ["lib64", "targets/x86_64-linux/lib"])  # the second: conda's
