@@ -137,7 +137,8 @@ struct Slot {
   }
   __device__ size_t chan(const Params& p) const { return size_t(bi) * p.dim + c; }  // b * dim + d
   __device__ size_t seq(const Params& p) const { return chan(p) * p.len; }  // start of (b, d, :)
-  __device__ bool has(const Params& p, int i) const { return valid && lane + LANES * i < p.dstate; }
+  __device__ int n(int i) const { return lane + LANES * i; }  // n of the thread's state i
+  __device__ bool has(const Params& p, int i) const { return valid && n(i) < p.dstate; }
   // this thread's states i of the backward's starting point for `tile`: the forward's
   // checkpoint after the tile before, 0 for the first tile
   template <int NS> __device__ void tile_start(const Params& p, int tile, float (&h)[NS]) const {
@@ -224,8 +225,8 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
     const float4 u4 = ld4(m.u + s.row * TP + j0 + k4);
     float4 B4[NS], C4[NS];
     for (int i = 0; i < NS; ++i) {
-      B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
-      if (KEEP) C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
+      B4[i] = ld4(m.B + s.n(i) * TP + j0 + k4);
+      if (KEEP) C4[i] = ld4(m.C + s.n(i) * TP + j0 + k4);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -346,8 +347,8 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
           u4 = ld4(m.u + row + k4);
           dy4 = ld4(m.g1 + row + k4);
           for (int i = 0; i < NS; ++i) {
-            B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
-            C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
+            B4[i] = ld4(m.B + s.n(i) * TP + j0 + k4);
+            C4[i] = ld4(m.C + s.n(i) * TP + j0 + k4);
           }
         }
         const float dt = comp(dt4, q);
