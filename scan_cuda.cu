@@ -139,11 +139,15 @@ struct Slot {
   __device__ size_t seq(const Params& p) const { return chan(p) * p.len; }  // start of (b, d, :)
   __device__ int n(int i) const { return lane + LANES * i; }  // n of the thread's state i
   __device__ bool has(const Params& p, int i) const { return valid && n(i) < p.dstate; }
+  // where its state i lies in row `row` of a (..., n) tensor: A, dA, ckpt, dlast
+  __device__ size_t state_at(const Params& p, size_t row, int i) const {
+    return row * p.dstate + lane + LANES * i;
+  }
   // this thread's states i of the backward's starting point for `tile`: the forward's
   // checkpoint after the tile before, 0 for the first tile
   template <int NS> __device__ void tile_start(const Params& p, int tile, float (&h)[NS]) const {
     for (int i = 0; i < NS; ++i) {
-      const size_t at = (chan(p) * p.ntiles + tile - 1) * p.dstate + lane + LANES * i;
+      const size_t at = state_at(p, chan(p) * p.ntiles + tile - 1, i);
       h[i] = tile > 0 && has(p, i) ? p.ckpt[at] : 0.f;
     }
   }
@@ -250,7 +254,7 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
 // A log2(e) of this thread's states, 0 where there is no state
 template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float (&A2)[NS]) {
   for (int i = 0; i < NS; ++i)
-    A2[i] = s.has(p, i) ? p.A[size_t(s.c) * p.dstate + s.lane + LANES * i] * LOG2E : 0.f;
+    A2[i] = s.has(p, i) ? p.A[s.state_at(p, s.c, i)] * LOG2E : 0.f;
 }
 
 template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
@@ -282,9 +286,11 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_fw
     // checkpoint: every tile's final state for the backward, or only the last one (last_state)
     if (p.save_all || tile == p.ntiles - 1) {
       const int slot = p.save_all ? tile : 0;
-      const size_t ck = (s.chan(p) * (p.save_all ? p.ntiles : 1) + slot) * p.dstate;
-      for (int i = 0; i < NS; ++i)
-        if (s.has(p, i)) p.ckpt[ck + s.lane + LANES * i] = h[i];
+      const size_t row = s.chan(p) * (p.save_all ? p.ntiles : 1) + slot;
+      for (int i = 0; i < NS; ++i) {
+        const size_t at = s.state_at(p, row, i);
+        if (s.has(p, i)) p.ckpt[at] = h[i];
+      }
     }
     __syncthreads();
   }
@@ -299,7 +305,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
   float A2[NS], x_next[NS], dA[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
   load_A2(p, s, A2);
   for (int i = 0; i < NS; ++i) {
-    const size_t at = s.chan(p) * p.dstate + s.lane + LANES * i;
+    const size_t at = s.state_at(p, s.chan(p), i);
     x_next[i] = s.has(p, i) && p.dlast ? p.dlast[at] : 0.f;  // exp(dt_{t+1} A) x_{t+1}
     dA[i] = 0.f;
   }
@@ -422,7 +428,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
     }
   }
   for (int i = 0; i < NS; ++i)
-    if (s.has(p, i)) atomicAdd(p.dA + size_t(s.c) * p.dstate + s.lane + LANES * i, dA[i]);
+    if (s.has(p, i)) atomicAdd(p.dA + s.state_at(p, s.c, i), dA[i]);
   dD = channel_sum(dD);
   dbias = channel_sum(dbias);
   if (s.valid && s.lane == 0) {
