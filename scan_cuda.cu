@@ -110,7 +110,7 @@ struct Smem {
   float *u, *dt, *g1, *g2, *B, *C;
   float* hsub;  // backward: each sub-tile's first state (SUBS, NS, THREADS)
   float* red;   // backward: dB, dC of each warp (WARPS, 32 NS, 16 steps)
-  __host__ __device__ static size_t bytes(int ns, bool bwd) {
+  static size_t bytes(int ns, bool bwd) {  // the dynamic shared memory the launch asks for
     const size_t tiles = ((bwd ? 4 : 3) * CH + 2 * ns * LANES) * TP;
     return (tiles + (bwd ? SUBS * ns * THREADS + WARPS * 32 * ns * RP : 0)) * sizeof(float);
   }
