@@ -439,6 +439,10 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
 
 // ---------------------------------------------------------------- host side
 
+// Messages are built from strings only: with the GPU machine's toolchain, streaming an integer
+// into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
+static std::string str(int64_t v) { return std::to_string(v); }
+
 template <typename T, int NS = 1> static void launch(const Params& p, bool backward) {
   if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
     if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
@@ -446,7 +450,7 @@ template <typename T, int NS = 1> static void launch(const Params& p, bool backw
   auto kernel = backward ? scan_bwd_kernel<T, NS> : scan_fwd_kernel<T, NS>;
   const int smem = int(Smem::bytes(NS, backward));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", std::to_string(smem),
+  TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", str(smem),
               " bytes of shared memory not available: ", cudaGetErrorString(err));
   kernel<<<grid, THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   err = cudaGetLastError();
@@ -459,9 +463,6 @@ static void run(const Params& p, at::ScalarType dtype, bool backward) {
   else launch<c10::Half>(p, backward);
 }
 
-// Messages are built from strings only: with the GPU machine's toolchain, streaming an integer
-// into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
-static std::string str(int64_t v) { return std::to_string(v); }
 static std::string shape_str(at::IntArrayRef shape) {  // "(2, 16, *)", * for any size
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i)
