@@ -566,7 +566,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   // the float32 sums start at zero: the kernel adds into them with atomicAdd
   at::Tensor dA = bind(p.dA, at::zeros(A.sizes(), f32));
   at::Tensor dB = bind(p.dB, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
-  at::Tensor dC = bind(p.dC, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dC = bind(p.dC, at::zeros(dB.sizes(), f32));
   at::Tensor dD = bind(p.dD, at::zeros({p.dim}, f32));
   at::Tensor dbias = bind(p.dbias, at::zeros({p.dim}, f32));
   run(p, u.scalar_type(), true);
