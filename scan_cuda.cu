@@ -136,6 +136,7 @@ struct Slot {
     c = gi * p.dgroup + (valid ? cg : 0);
   }
   __device__ size_t chan(const Params& p) const { return size_t(bi) * p.dim + c; }  // b * dim + d
+  __device__ size_t group(const Params& p) const { return size_t(bi) * p.groups + gi; }  // (b, g)
   __device__ size_t seq(const Params& p) const { return chan(p) * p.len; }  // start of (b, d, :)
   __device__ int n(int i) const { return lane + LANES * i; }  // n of the thread's state i
   __device__ bool has(const Params& p, int i) const { return valid && n(i) < p.dstate; }
@@ -175,7 +176,7 @@ struct TileLoad {
       z[i] = ok && p.z ? static_cast<const T*>(p.z)[base + t] : T(0.f);
       if (BWD) dout[i] = ok ? static_cast<const T*>(p.dout)[base + t] : T(0.f);
     }
-    const size_t bc = (size_t(s.bi) * p.groups + s.gi) * p.dstate * p.len;
+    const size_t bc = s.group(p) * p.dstate * p.len;
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {  // B, C of the block's group: state e / 64, step e % 64
       const int e = s.tid + THREADS * i;
@@ -413,7 +414,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
           acc.w += v.w;
         }
         if (n >= p.dstate) continue;
-        const size_t row_bc = (size_t(s.bi) * p.groups + s.gi) * p.dstate + n;
+        const size_t row_bc = s.group(p) * p.dstate + n;
         float* dst = (col % 32 < 16 ? p.dB : p.dC) + row_bc * p.lpad + t0 + j0 + k4;
 #if __CUDA_ARCH__ >= 900
         atomicAdd(reinterpret_cast<float4*>(dst), acc);
