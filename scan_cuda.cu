@@ -339,7 +339,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
     // pass 2: sub-tiles last to first; redo the 16 steps keeping states, then walk them backwards
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
-      const int row = s.row * TP + j0;  // this channel's row in the staged tile
+      const int row = s.row * TP + j0;  // where the sub-tile starts in the channel's staged row
       for (int i = 0; i < NS; ++i) h[i] = m.hsub[(sub * NS + i) * THREADS + s.tid];
       run_steps<NS, true>(h, A2, m, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
