@@ -110,7 +110,7 @@ struct Smem {
   float *u, *dt, *g1, *g2, *B, *C;
   float* hsub;  // backward: each sub-tile's first state (SUBS, NS, THREADS)
   float* red;   // backward: dB, dC of each warp (WARPS, 32 NS, 16 steps)
-  __host__ __device__ static size_t bytes(int ns, bool bwd) {
+  static size_t bytes(int ns, bool bwd) {  // the dynamic shared memory the launch asks for
     const size_t tiles = ((bwd ? 4 : 3) * CH + 2 * ns * LANES) * TP;
     return (tiles + (bwd ? SUBS * ns * THREADS + WARPS * 32 * ns * RP : 0)) * sizeof(float);
   }
@@ -136,13 +136,19 @@ struct Slot {
     c = gi * p.dgroup + (valid ? cg : 0);
   }
   __device__ size_t chan(const Params& p) const { return size_t(bi) * p.dim + c; }  // b * dim + d
+  __device__ size_t group(const Params& p) const { return size_t(bi) * p.groups + gi; }  // (b, g)
   __device__ size_t seq(const Params& p) const { return chan(p) * p.len; }  // start of (b, d, :)
-  __device__ bool has(const Params& p, int i) const { return valid && lane + LANES * i < p.dstate; }
+  __device__ int n(int i) const { return lane + LANES * i; }  // n of the thread's state i
+  __device__ bool has(const Params& p, int i) const { return valid && n(i) < p.dstate; }
+  // where its state i lies in row `row` of a (..., n) tensor: A, dA, ckpt, dlast
+  __device__ size_t state_at(const Params& p, size_t row, int i) const {
+    return row * p.dstate + lane + LANES * i;
+  }
   // this thread's states i of the backward's starting point for `tile`: the forward's
   // checkpoint after the tile before, 0 for the first tile
   template <int NS> __device__ void tile_start(const Params& p, int tile, float (&h)[NS]) const {
     for (int i = 0; i < NS; ++i) {
-      const size_t at = (chan(p) * p.ntiles + tile - 1) * p.dstate + lane + LANES * i;
+      const size_t at = state_at(p, chan(p) * p.ntiles + tile - 1, i);
       h[i] = tile > 0 && has(p, i) ? p.ckpt[at] : 0.f;
     }
   }
@@ -170,7 +176,7 @@ struct TileLoad {
       z[i] = ok && p.z ? static_cast<const T*>(p.z)[base + t] : T(0.f);
       if (BWD) dout[i] = ok ? static_cast<const T*>(p.dout)[base + t] : T(0.f);
     }
-    const size_t bc = (size_t(s.bi) * p.groups + s.gi) * p.dstate * p.len;
+    const size_t bc = s.group(p) * p.dstate * p.len;
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {  // B, C of the block's group: state e / 64, step e % 64
       const int e = s.tid + THREADS * i;
@@ -224,8 +230,8 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
     const float4 u4 = ld4(m.u + s.row * TP + j0 + k4);
     float4 B4[NS], C4[NS];
     for (int i = 0; i < NS; ++i) {
-      B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
-      if (KEEP) C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
+      B4[i] = ld4(m.B + s.n(i) * TP + j0 + k4);
+      if (KEEP) C4[i] = ld4(m.C + s.n(i) * TP + j0 + k4);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -249,7 +255,7 @@ __device__ __forceinline__ void run_steps(float (&h)[NS], const float (&A2)[NS],
 // A log2(e) of this thread's states, 0 where there is no state
 template <int NS> __device__ void load_A2(const Params& p, const Slot& s, float (&A2)[NS]) {
   for (int i = 0; i < NS; ++i)
-    A2[i] = s.has(p, i) ? p.A[size_t(s.c) * p.dstate + s.lane + LANES * i] * LOG2E : 0.f;
+    A2[i] = s.has(p, i) ? p.A[s.state_at(p, s.c, i)] * LOG2E : 0.f;
 }
 
 template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_fwd_kernel(Params p) {
@@ -281,9 +287,11 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_fw
     // checkpoint: every tile's final state for the backward, or only the last one (last_state)
     if (p.save_all || tile == p.ntiles - 1) {
       const int slot = p.save_all ? tile : 0;
-      const size_t ck = (s.chan(p) * (p.save_all ? p.ntiles : 1) + slot) * p.dstate;
-      for (int i = 0; i < NS; ++i)
-        if (s.has(p, i)) p.ckpt[ck + s.lane + LANES * i] = h[i];
+      const size_t row = s.chan(p) * (p.save_all ? p.ntiles : 1) + slot;
+      for (int i = 0; i < NS; ++i) {
+        const size_t at = s.state_at(p, row, i);
+        if (s.has(p, i)) p.ckpt[at] = h[i];
+      }
     }
     __syncthreads();
   }
@@ -298,7 +306,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
   float A2[NS], x_next[NS], dA[NS], hs[NS][SUB + 1], as[NS][SUB], yk[SUB];
   load_A2(p, s, A2);
   for (int i = 0; i < NS; ++i) {
-    const size_t at = s.chan(p) * p.dstate + s.lane + LANES * i;
+    const size_t at = s.state_at(p, s.chan(p), i);
     x_next[i] = s.has(p, i) && p.dlast ? p.dlast[at] : 0.f;  // exp(dt_{t+1} A) x_{t+1}
     dA[i] = 0.f;
   }
@@ -331,7 +339,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
     // pass 2: sub-tiles last to first; redo the 16 steps keeping states, then walk them backwards
     for (int sub = nsub - 1; sub >= 0; --sub) {
       const int j0 = sub * SUB;
-      const int row = s.row * TP + j0;  // this channel's row in the staged tile
+      const int row = s.row * TP + j0;  // where the sub-tile starts in the channel's staged row
       for (int i = 0; i < NS; ++i) h[i] = m.hsub[(sub * NS + i) * THREADS + s.tid];
       run_steps<NS, true>(h, A2, m, s, j0, hs, as, yk);
       const float y = reduce_scatter(yk, s.lane);  // y of step j0 + lane, without D u
@@ -346,8 +354,8 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
           u4 = ld4(m.u + row + k4);
           dy4 = ld4(m.g1 + row + k4);
           for (int i = 0; i < NS; ++i) {
-            B4[i] = ld4(m.B + (s.lane + LANES * i) * TP + j0 + k4);
-            C4[i] = ld4(m.C + (s.lane + LANES * i) * TP + j0 + k4);
+            B4[i] = ld4(m.B + s.n(i) * TP + j0 + k4);
+            C4[i] = ld4(m.C + s.n(i) * TP + j0 + k4);
           }
         }
         const float dt = comp(dt4, q);
@@ -406,7 +414,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
           acc.w += v.w;
         }
         if (n >= p.dstate) continue;
-        const size_t row_bc = (size_t(s.bi) * p.groups + s.gi) * p.dstate + n;
+        const size_t row_bc = s.group(p) * p.dstate + n;
         float* dst = (col % 32 < 16 ? p.dB : p.dC) + row_bc * p.lpad + t0 + j0 + k4;
 #if __CUDA_ARCH__ >= 900
         atomicAdd(reinterpret_cast<float4*>(dst), acc);
@@ -421,7 +429,7 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
     }
   }
   for (int i = 0; i < NS; ++i)
-    if (s.has(p, i)) atomicAdd(p.dA + size_t(s.c) * p.dstate + s.lane + LANES * i, dA[i]);
+    if (s.has(p, i)) atomicAdd(p.dA + s.state_at(p, s.c, i), dA[i]);
   dD = channel_sum(dD);
   dbias = channel_sum(dbias);
   if (s.valid && s.lane == 0) {
@@ -432,6 +440,10 @@ template <typename T, int NS> __global__ void __launch_bounds__(THREADS) scan_bw
 
 // ---------------------------------------------------------------- host side
 
+// Messages are built from strings only: with the GPU machine's toolchain, streaming an integer
+// into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
+static std::string str(int64_t v) { return std::to_string(v); }
+
 template <typename T, int NS = 1> static void launch(const Params& p, bool backward) {
   if constexpr (NS < 4)  // NS states per thread, the fewest that hold n: n <= 16 NS
     if (p.dstate > NS * LANES) return launch<T, 2 * NS>(p, backward);
@@ -439,7 +451,7 @@ template <typename T, int NS = 1> static void launch(const Params& p, bool backw
   auto kernel = backward ? scan_bwd_kernel<T, NS> : scan_fwd_kernel<T, NS>;
   const int smem = int(Smem::bytes(NS, backward));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", std::to_string(smem),
+  TORCH_CHECK(err == cudaSuccess, "scan_cuda: ", str(smem),
               " bytes of shared memory not available: ", cudaGetErrorString(err));
   kernel<<<grid, THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   err = cudaGetLastError();
@@ -452,9 +464,6 @@ static void run(const Params& p, at::ScalarType dtype, bool backward) {
   else launch<c10::Half>(p, backward);
 }
 
-// Messages are built from strings only: with the GPU machine's toolchain, streaming an integer
-// into torch's message stream from this module crashed (two libstdc++ copies disagreeing).
-static std::string str(int64_t v) { return std::to_string(v); }
 static std::string shape_str(at::IntArrayRef shape) {  // "(2, 16, *)", * for any size
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i)
@@ -558,7 +567,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   // the float32 sums start at zero: the kernel adds into them with atomicAdd
   at::Tensor dA = bind(p.dA, at::zeros(A.sizes(), f32));
   at::Tensor dB = bind(p.dB, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
-  at::Tensor dC = bind(p.dC, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dC = bind(p.dC, at::zeros(dB.sizes(), f32));
   at::Tensor dD = bind(p.dD, at::zeros({p.dim}, f32));
   at::Tensor dbias = bind(p.dbias, at::zeros({p.dim}, f32));
   run(p, u.scalar_type(), true);
