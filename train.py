@@ -972,9 +972,10 @@ def evaluate_checkpoint(data, args, env):
                         f"resizes the images")
     pretrained = ckpt["phase"] == "pretrain"
     model = (star.StarPretrain if pretrained else star.StarClassifier)(cfg).to(env.device)
-    model.load_state_dict(ckpt["model"])
+    weights = ckpt["model"]
     if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them
-        model.load_state_dict({k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
+        weights = {k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    model.load_state_dict(weights)
     data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
     data.std = ckpt["norm"][1].to(env.device)
     metrics = evaluate(model, data, args, env, by_slot=True)
