@@ -760,15 +760,15 @@ def train_epoch(phase, model, epoch, data, args, env):
     bar = tqdm(total=phase.steps * B, unit="img", desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
                disable=not (env.master and args.progress), dynamic_ncols=True)
     for i in range(phase.steps):
-        lr = lr_at(epoch * phase.steps + i, phase.lr, phase.warmup, phase.total)
+        step = epoch * phase.steps + i
+        lr = lr_at(step, phase.lr, phase.warmup, phase.total)
         for group in phase.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         idx = perm[i * B:(i + 1) * B][lo:hi]
         crops = random_crops(B, phase.gen, phase.min_scale)[lo:hi]  # drawn for all B: same stream
         x = augment(data.x[idx], crops, data)  # (B / world, C, H, W)
-        y = data.y[idx] if phase.classify else None  # (b,) labels
-        if phase.classify:
-            x, y = mix(x, y, phase.model.cfg.num_classes, args, epoch * phase.steps + i)
+        if phase.classify:  # labels (b,), or with --mixup, --cutmix label shares (b, classes)
+            x, y = mix(x, data.y[idx], phase.model.cfg.num_classes, args, step)
         with autocast(env):
             out = model(x)  # pretraining: the STAR loss; finetuning: logits (b, classes)
         loss = out
