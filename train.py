@@ -760,15 +760,15 @@ def train_epoch(phase, model, epoch, data, args, env):
     bar = tqdm(total=phase.steps * B, unit="img", desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
                disable=not (env.master and args.progress), dynamic_ncols=True)
     for i in range(phase.steps):
-        lr = lr_at(epoch * phase.steps + i, phase.lr, phase.warmup, phase.total)
+        step = epoch * phase.steps + i
+        lr = lr_at(step, phase.lr, phase.warmup, phase.total)
         for group in phase.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         idx = perm[i * B:(i + 1) * B][lo:hi]
         crops = random_crops(B, phase.gen, phase.min_scale)[lo:hi]  # drawn for all B: same stream
         x = augment(data.x[idx], crops, data)  # (B / world, C, H, W)
-        y = data.y[idx] if phase.classify else None  # (b,) labels
-        if phase.classify:
-            x, y = mix(x, y, phase.model.cfg.num_classes, args, epoch * phase.steps + i)
+        if phase.classify:  # labels (b,), or with --mixup, --cutmix label shares (b, classes)
+            x, y = mix(x, data.y[idx], phase.model.cfg.num_classes, args, step)
         with autocast(env):
             out = model(x)  # pretraining: the STAR loss; finetuning: logits (b, classes)
         loss = out
@@ -972,9 +972,10 @@ def evaluate_checkpoint(data, args, env):
                         f"resizes the images")
     pretrained = ckpt["phase"] == "pretrain"
     model = (star.StarPretrain if pretrained else star.StarClassifier)(cfg).to(env.device)
-    model.load_state_dict(ckpt["model"])
+    weights = ckpt["model"]
     if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them
-        model.load_state_dict({k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
+        weights = {k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    model.load_state_dict(weights)
     data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
     data.std = ckpt["norm"][1].to(env.device)
     metrics = evaluate(model, data, args, env, by_slot=True)
