@@ -106,6 +106,29 @@ def test_default_report_is_one_screen_of_what_a_learner_needs(default_run):
     assert (out.parent / "warnings.txt").read_text() == ""
 
 
+def test_mode_all_finetunes_from_the_end_of_its_own_pretraining(tmp_path, monkeypatch):
+    """Every encoder weight the finetuned classifier starts from is the pretrained encoder's as
+    pretraining ended (each scan direction a copy of the causal one); from scratch: none is."""
+    start = {}
+    end = {}
+    phase = train.train_phase
+
+    def spy(name, model, *rest):
+        start[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        history = phase(name, model, *rest)
+        end[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        return history
+    monkeypatch.setattr(train, "train_phase", spy)
+    run(tmp_path / "r", "--preset", "tiny", "--pretrain_epochs", "2")  # tiny: four scans
+    pretrained = end["pretrain"]
+    encoder = [k for k in start["finetune"] if k.startswith("encoder.")]
+    assert encoder and set(encoder) <= set(pretrained)
+    for k in encoder:
+        assert torch.equal(start["finetune"][k], pretrained[k].expand_as(start["finetune"][k])), k
+    assert not any(torch.equal(start["scratch"][k], start["finetune"][k]) for k in encoder
+                   if k.endswith("weight") and pretrained[k].dim() > 1)
+
+
 def test_report_printed(tmp_path, capsys):
     run(tmp_path / "r", "--pretrain_epochs", "1", "--finetune_epochs", "1",
         "--compare_scratch", "false")
