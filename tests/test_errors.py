@@ -258,25 +258,26 @@ def test_flag_choices_are_the_values_star_takes(monkeypatch):
     assert [d for d in range(9) if d in train.MODEL_CHOICES["scan_dirs"]] == [1, 2, 4]
 
 
-@pytest.mark.parametrize("case", ["resume_nothing", "bad_npz"])
-def test_user_error_after_setup_is_stderrs_one_line(tmp_path, case):
-    """Errors found once the run has started (the run folder read, the data loaded) print one
-    line too: the progress log goes to stdout."""
-    out = tmp_path / "r"
-    argv = ["--resume", "--preset", "tiny", "--pretrain_epochs", "1", *SMALL]
-    expected = f"--resume: {out} holds no checkpoint, so nothing to resume there"
-    if case == "bad_npz":  # found when the file is read: channels first
-        write_npz(tmp_path / "d.npz", np.zeros((40, 3, 16, 16), np.uint8), np.arange(40) % 10)
-        argv = ["--data", f"npz:{tmp_path}/d.npz", *SMALL]
-        expected = f"{tmp_path}/d.npz: x must be uint8 N x H x W"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "train.py", "--out", str(out), *argv], cwd=ROOT,
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 2, done.stderr
-    assert len(done.stderr.splitlines()) == 1, done.stderr
-    assert done.stderr.startswith(f"train.py: error: {expected}"), done.stderr
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    line = refused(capsys, tmp_path / "r", "--resume", "--preset", "tiny", "--pretrain_epochs", "1")
+    expected = f"--resume: {tmp_path / 'r'} holds no checkpoint, so nothing to resume there"
+    assert line == f"train.py: error: {expected}"
+    assert nothing_written(tmp_path / "r")
+
+
+def test_user_error_after_setup_is_stderrs_one_line(tmp_path):
+    """An error found once the run has started (here: the data, when it is read) prints one line
+    too, in a real process: the progress log goes to stdout."""
+    write_npz(tmp_path / "d.npz", np.zeros((40, 3, 16, 16), np.uint8), np.arange(40) % 10)
+    argv = [sys.executable, "train.py", "--out", str(tmp_path / "r"), *SMALL,
+            "--data", f"npz:{tmp_path}/d.npz"]  # channels first
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = done.stderr
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"train.py: error: {tmp_path}/d.npz: x must be uint8"), err
     assert "precision:" in done.stdout  # the set-up ran before the error
-    assert not set(os.listdir(out)) & {"pretrain.pt", "log.jsonl"}
+    assert nothing_written(tmp_path / "r")
 
 
 def test_help_describes_every_flag():
