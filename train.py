@@ -5,7 +5,7 @@ evaluate it.
     python train.py                        # offline demo: shapes, 500 of them labelled, CPU minutes
     python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 \
         --ft_lr 1e-3 --labeled 0 --pretrain_epochs 36 --finetune_epochs 15 --eval_every 6 \
-        --out runs/c10                     # CIFAR-10 on a GPU, 87% (README)
+        --out runs/c10                     # CIFAR-10 on a GPU: see README's table
     python train.py --images_per_seq 1 --separator none ...  # ARM; K>1 without separator: concat
     python train.py --mode finetune --init runs/c10/pretrain.pt --out runs/ft  # no --init: scratch
     python train.py --mode probe --init runs/c10/pretrain.pt --out runs/probe  # frozen encoder
@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -56,7 +55,8 @@ class Args:
     # what to run, on what
     mode: str = "all"             # all: pretrain, then finetune from it and from scratch, report
     data: str = "synthetic"       # synthetic | cifar10 | cifar100 | folder:PATH | npz:GLOB
-    test_data: str = ""           # folder:PATH or npz:GLOB test split (else the data's own)
+    test_data: str = ""           # folder:PATH or npz:GLOB test split (else the data's own); none
+                                  # (npz, one folder): N // 10 of the N images held out (min 1)
     data_dir: str = "data"        # where torchvision downloads CIFAR
     img_size: int = 0             # resize the images to this side (0: keep the data's size)
     num_train: int = 0            # use the first N training images (0: all; synthetic: 5000)
@@ -80,12 +80,13 @@ class Args:
     ft_warmup_epochs: float = 1.0  # the same for finetuning
     ft_min_scale: float = 0.35    # the same for finetuning
     ft_drop_path: float = 0.1     # stochastic depth when finetuning (--drop_path is pretraining's)
-    label_smoothing: float = 0.1  # finetuning cross-entropy
-    mixup: float = 0.0            # Beta(a, a) of mixup (ARM: 0.8); 0 = off
-    cutmix: float = 0.0           # Beta(a, a) of cutmix (ARM: 1.0); 0 = off; with mixup: either
-    ema: float = 0.0              # evaluate and save an EMA of the weights, this decay; 0 = off
-    layer_decay: float = 1.0      # layer-wise lr decay (ARM: 0.65); 1 = off
-    labeled: int = 500            # finetune, probe on the first N training images (0: all)
+    label_smoothing: float = 0.1  # finetuning: label smoothing of the cross-entropy
+    mixup: float = 0.0            # finetuning: Beta(a, a) of mixup (ARM: 0.8); 0 = off
+    cutmix: float = 0.0           # finetuning: Beta(a, a) of cutmix (ARM: 1.0); 0 = off;
+                                  # with mixup: either, at random each step
+    ema: float = 0.0              # finetuning: test, save the weights' EMA of this decay; 0 = off
+    layer_decay: float = 1.0      # finetuning: layer-wise lr decay (ARM: 0.65); 1 = off
+    labeled: int = 500            # finetune, probe on the first N images (0: all); >= --batch_size
     compare_scratch: bool = True  # mode all: also finetune from scratch, for the report
     # logging and system
     eval_every: int = 8           # epochs between test evaluations and sample grids, and the last
@@ -115,6 +116,12 @@ AT_LEAST_1 = ("batch_size", "log_every", "eval_every")
 AT_MOST_1 = ("min_scale", "ft_min_scale", "layer_decay", "ft_drop_path", "label_smoothing",
              "drop_path", "ema")
 ABOVE_0 = ("lr", "ft_lr", "min_scale", "ft_min_scale", "layer_decay", "mlp_ratio")
+SCANS = ("auto", "cuda", "torch", "ref")  # the values of STAR_SCAN that star._scan_backend takes
+# the values star.StarConfig takes, and --help texts that say what train.py does with a field
+MODEL_CHOICES = {"separator": ("none", "token", "cluster"), "scan_dirs": (1, 2, 4)}
+MODEL_HELP = {"dec_depth": "decoder layers, cross-attention only (ARM: 4)",
+              "dec_heads": "heads of each decoder layer, a divisor of dec_width (ARM's: 64 wide)",
+              "drop_path": "stochastic depth when pretraining (finetuning: --ft_drop_path)"}
 
 
 def _bool(s):
@@ -126,10 +133,10 @@ def _bool(s):
 
 
 def field_help(cls):
-    """{name: the comment beside the field} of a dataclass, from its source: the --help texts."""
-    lines = inspect.getsource(cls).splitlines()
-    found = [re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line) for line in lines]
-    return {m[1]: m[2].replace("%", "%%") for m in found if m}
+    """{name: the comment beside the field and those indented under it} of a dataclass: --help."""
+    src = inspect.getsource(cls)
+    found = re.findall(r"^\s+(\w+): \w+ = .*?  # (.*(?:\n {8,}# .*)*)", src, re.M)
+    return {name: re.sub(r"\n +# ", " ", text).replace("%", "%%") for name, text in found}
 
 
 def make_parser():
@@ -145,13 +152,16 @@ def make_parser():
         elif f.name != "overrides":  # overrides: the model flags below
             p.add_argument(f"--{f.name}", default=f.default, type=f.type, help=helps.get(f.name),
                            choices=choices.get(f.name))
-    helps = field_help(star.StarConfig)
+    helps = field_help(star.StarConfig) | MODEL_HELP
     g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
     for f in fields(star.StarConfig):
+        v = [format(getattr(c, f.name), ".4g" * (f.type is float)) for c in star.PRESETS.values()]
+        default = v[0] if len(set(v)) == 1 else f"{'/'.join(star.PRESETS)} {'/'.join(v)}"
         if f.name not in FROM_DATA:  # SUPPRESS: only the flags given become overrides
             g.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS,
-                           dest=f"model_{f.name}", metavar=f.name.upper(),
-                           help=helps.get(f.name, "see star.StarConfig"))
+                           dest=f"model_{f.name}", choices=MODEL_CHOICES.get(f.name),
+                           metavar=None if f.name in MODEL_CHOICES else f.name.upper(),
+                           help=f"{helps[f.name]} (default: {default})")
     return p
 
 
@@ -194,6 +204,12 @@ def check_args(args):
     if args.mode == "all" and args.pretrain_epochs == 0:
         raise UserError("--mode all needs --pretrain_epochs 1 or more "
                         "(to finetune from scratch only: --mode finetune)")
+    if args.mode in ("all", "finetune", "probe") and 0 < args.labeled < args.batch_size:
+        raise UserError(f"--labeled {args.labeled} must be at least --batch_size {args.batch_size}"
+                        f" (or 0: all the training images): finetuning takes whole batches")
+    if os.environ.get("STAR_SCAN", "auto") not in SCANS:
+        raise UserError(f"STAR_SCAN must be one of {', '.join(SCANS)}; got "
+                        f"{os.environ['STAR_SCAN']!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA GPU: use --device cpu (or auto)")
     try:
@@ -219,7 +235,7 @@ def setup(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    logging.basicConfig(format="%(message)s")
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # stderr: errors, tqdm bars
     for name in ("train", "star"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
     dtype = autocast_dtype(args.precision, device)
@@ -531,7 +547,7 @@ def load_checkpoint(path, phase=None):
     """A checkpoint of train.py; of that phase, if given."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    try:  # our own files: numpy's RNG state inside
+    try:  # our own files; older ones hold numpy's RNG state
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file: the errors vary
         raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from None
@@ -865,8 +881,8 @@ def log_line(rec, args, env):
 def save_checkpoint(phase, epoch, history, data, args, env):
     """All a resumed run needs to go on exactly, written atomically (a temporary file, then
     os.replace): a Ctrl-C or a full disk keeps the last checkpoint."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate(),
+    # torch's streams only: nothing draws from numpy's or Python's global ones (mix seeds its own)
+    rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None}
     rngs = [rng]
     if env.ddp:  # every rank's streams, so that a resumed multi-GPU run goes on exactly too
@@ -878,8 +894,7 @@ def save_checkpoint(phase, epoch, history, data, args, env):
                 "config": asdict(phase.model.cfg), "args": asdict(args),
                 "norm": [data.mean.cpu(), data.std.cpu()], "epoch": epoch,
                 "step": epoch * phase.steps, "rng": rngs, "aug_rng": phase.gen.get_state(),
-                "data_order": {"seed": args.seed, "epoch": epoch}, "history": history,
-                "ema": None if phase.ema is None else phase.ema.state_dict()}
+                "history": history, "ema": None if phase.ema is None else phase.ema.state_dict()}
         try:
             torch.save(ckpt, phase.path + ".tmp")
             os.replace(phase.path + ".tmp", phase.path)
@@ -913,9 +928,7 @@ def restore(phase, args, env):
         log.warning(f"{phase.path} was written by {len(ckpt['rng'])} processes, now {env.world}: "
                     f"random streams differ")
     rng = ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])  # older checkpoints also hold numpy's and Python's: unused
     if rng["cuda"] is not None and env.device.type == "cuda":
         torch.cuda.set_rng_state_all(rng["cuda"])
     log.info(f"resuming {phase.path} after epoch {ckpt['epoch']} (step {ckpt['step']})")
@@ -994,6 +1007,8 @@ def run(args, env):
     if taken and not args.resume:
         raise UserError(f"{args.out} already holds {', '.join(taken)}: pass --resume to continue "
                         f"that run, or --out to start another")
+    if phases and args.resume and not taken:
+        raise UserError(f"--resume: {args.out} holds no checkpoint, so nothing to resume there")
     t0 = time.time()
     data = load_data(args, env)
     if args.mode == "eval":

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import star  # noqa: E402
 import train  # noqa: E402
-from test_train import ROOT, refused, run, write_folder, write_npz  # noqa: E402
+from test_train import ROOT, SMALL, refused, run, write_folder, write_npz  # noqa: E402
 
 
 def nothing_written(out):
@@ -56,6 +57,7 @@ def copy(pretrained, tmp_path):
     (["--preset", "huge"], "--preset"),
     (["--separator", "bar"], "separator"),
     (["--mode", "pretrain", "--num_test", "1"], "--num_test"),  # fewer test images than K=2
+    (["--labeled", "8"], "--labeled 8"),  # mode all: before the pretraining, not after it
 ])
 def test_bad_flags(tmp_path, capsys, argv, culprit):
     assert culprit in refused(capsys, tmp_path / "r", *argv)
@@ -233,6 +235,51 @@ def test_command_line_prints_one_line_and_exits_2(tmp_path):
     assert done.stderr.splitlines() == ["train.py: error: --log_every must be at least 1, got 0"]
 
 
+def test_bad_star_scan_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("STAR_SCAN", "bogus")
+    line = refused(capsys, tmp_path / "r")
+    assert line == "train.py: error: STAR_SCAN must be one of auto, cuda, torch, ref; got 'bogus'"
+    assert not os.path.exists(tmp_path / "r")  # not even the run folder
+
+
+def test_flag_choices_are_the_values_star_takes(monkeypatch):
+    u = torch.zeros(1, 1, 1)
+    for value in train.SCANS:  # star takes each (cuda on CPU inputs: a RuntimeError, not a value)
+        monkeypatch.setenv("STAR_SCAN", value)
+        try:
+            star._scan_backend(u, u, torch.zeros(1, 1), None)
+        except RuntimeError:
+            assert value == "cuda"
+    for name, values in train.MODEL_CHOICES.items():
+        for v in values:
+            star.make_config("tiny", **{name: v})
+        with pytest.raises(ValueError):
+            star.make_config("tiny", **{name: 3 if name == "scan_dirs" else "bogus"})
+    assert [d for d in range(9) if d in train.MODEL_CHOICES["scan_dirs"]] == [1, 2, 4]
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    line = refused(capsys, tmp_path / "r", "--resume", "--preset", "tiny", "--pretrain_epochs", "1")
+    expected = f"--resume: {tmp_path / 'r'} holds no checkpoint, so nothing to resume there"
+    assert line == f"train.py: error: {expected}"
+    assert nothing_written(tmp_path / "r")
+
+
+def test_user_error_after_setup_is_stderrs_one_line(tmp_path):
+    """An error found once the run has started (here: the data, when it is read) prints one line
+    too, in a real process: the progress log goes to stdout."""
+    write_npz(tmp_path / "d.npz", np.zeros((40, 3, 16, 16), np.uint8), np.arange(40) % 10)
+    argv = [sys.executable, "train.py", "--out", str(tmp_path / "r"), *SMALL,
+            "--data", f"npz:{tmp_path}/d.npz"]  # channels first
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = done.stderr
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"train.py: error: {tmp_path}/d.npz: x must be uint8"), err
+    assert "precision:" in done.stdout  # the set-up ran before the error
+    assert nothing_written(tmp_path / "r")
+
+
 def test_help_describes_every_flag():
     parser = train.make_parser()
     text = parser.format_help()
@@ -242,7 +289,16 @@ def test_help_describes_every_flag():
         assert a.help and a.option_strings[0] in text, a.dest
     formatter = parser._get_formatter()
     for a in flags:
-        if not a.dest.startswith("model_"):  # model flags default to the preset's
+        if not a.dest.startswith("model_"):
             assert f"(default: {a.default})" in formatter._expand_help(a), a.dest
+    # model flags default to the preset's: the value, or each preset's where they differ
+    assert all("(default: " in a.help for a in flags if a.dest.startswith("model_"))
+    words = " ".join(text.split())
+    assert "(default: 4)" in words and "(default: tiny/demo/cifar/base 32/64/192/768)" in words
+    assert "see star.StarConfig" not in text
     assert "{all,pretrain,finetune,probe,eval}" in text and "{tiny,demo,cifar,base}" in text
-    assert "{auto,cpu,cuda}" in text
+    assert "{auto,cpu,cuda}" in text and "{none,token,cluster}" in text and "{1,2,4}" in text
+    helps = {a.dest: a.help for a in flags}
+    assert all(helps[f].startswith("finetuning:") for f in ("label_smoothing", "mixup", "cutmix",
+                                                            "ema", "layer_decay"))
+    assert "pretraining" in helps["model_drop_path"] and "--batch_size" in helps["labeled"]

@@ -76,10 +76,10 @@ def test_default_run_end_to_end(default_run, capsys):
     ft = [r for r in records(out) if r.get("phase") == "finetune" and r["epoch"] == 1][0]
     assert ft["step"] == 48 // 16  # an epoch of finetuning is the labelled images only
     ckpt = torch.load(out / "pretrain.pt", weights_only=False)
-    for key in ("model", "optimizer", "config", "epoch", "step", "rng", "aug_rng", "data_order"):
+    for key in ("model", "optimizer", "config", "epoch", "step", "rng", "aug_rng"):
         assert key in ckpt
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 // 16)
-    assert set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}
+    assert set(ckpt["rng"][0]) == {"torch", "cuda"}  # nothing draws from numpy's or Python's
     # the grid: a label margin, then three rows (input, predicted, completed) of num_samples
     # images, each enlarged 3x (32 px -> 96 px), 2 px padding
     w, h = Image.open(out / "samples_pretrain_e002.png").size
@@ -104,6 +104,29 @@ def test_default_report_is_one_screen_of_what_a_learner_needs(default_run):
     assert f"pictures: {out / 'samples_pretrain_e002.png'}" in text
     assert "Traceback" not in text and "warn" not in text.lower()
     assert (out.parent / "warnings.txt").read_text() == ""
+
+
+def test_mode_all_finetunes_from_the_end_of_its_own_pretraining(tmp_path, monkeypatch):
+    """Every encoder weight the finetuned classifier starts from is the pretrained encoder's as
+    pretraining ended (each scan direction a copy of the causal one); from scratch: none is."""
+    start = {}
+    end = {}
+    phase = train.train_phase
+
+    def spy(name, model, *rest):
+        start[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        history = phase(name, model, *rest)
+        end[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        return history
+    monkeypatch.setattr(train, "train_phase", spy)
+    run(tmp_path / "r", "--preset", "tiny", "--pretrain_epochs", "2")  # tiny: four scans
+    pretrained = end["pretrain"]
+    encoder = [k for k in start["finetune"] if k.startswith("encoder.")]
+    assert encoder and set(encoder) <= set(pretrained)
+    for k in encoder:
+        assert torch.equal(start["finetune"][k], pretrained[k].expand_as(start["finetune"][k])), k
+    assert not any(torch.equal(start["scratch"][k], start["finetune"][k]) for k in encoder
+                   if k.endswith("weight") and pretrained[k].dim() > 1)
 
 
 def test_report_printed(tmp_path, capsys):
