@@ -16,20 +16,21 @@ Glossary (code name -> paper symbol)
   g          groups of B and C (one per scan direction)
   delta      Δ, the input-dependent step size
   A          (d, n) state matrix, diagonal, negative
-  B, C       input and output projections of the state
+  B, C       input and output projections of the state (in image shapes (b, C, H, W), C channels)
   D          skip connection u -> y
   z          gate: y * silu(z)
   u          scan input (after the causal conv)
   h          state, (b, d, n) at every step
-  patch      p x p pixels, one token
+  patch      p x p pixels, one token; N patches in an image
   cluster    c x c neighbouring patches, predicted together
-  separator  one learned vector, repeated, before every image
-  K          images packed into one sequence
-  dirs       scan directions of a mixer: 1 when pretraining (causal), 4 when finetuning
+  separator  one learned vector, repeated s times (0, 1 or c*c) before every image
+  K          images packed into one sequence of L = K * (s + N) tokens; k one image's index
+  Q          targets of one sequence: the image patches predicted; e the decoder width (dec_width)
+  dirs       scan directions: 1 to pretrain (causal), cfg.scan_dirs to finetune (cifar 4, demo 1)
 
-The file reads bottom-up: the selective scan (reference, fast PyTorch fallback, CUDA loader),
-the Mamba mixer, the MambaMLP block, the Vision Mamba encoder, separator packing, the next-cluster
-objective, the pretraining model, the finetuning classifier, and the presets.
+The file reads bottom-up: the selective scan (reference, fast PyTorch fallback, CUDA loader), the
+config StarConfig, the Mamba mixer, the MambaMLP block, the Vision Mamba encoder, separator packing,
+the next-cluster objective, the pretraining model, the finetuning classifier, and the presets.
 """
 import glob
 import logging
@@ -150,10 +151,10 @@ def _scan_states(u, delta, A, B):
 class _ScanCore(torch.autograd.Function):
     """y_t = C_t h_t and the last state, with a hand-written backward that recomputes the states.
 
-    Autograd through the loop would keep l small tensors per step. This keeps two (b, l, d, n)
-    tensors, exp(ΔA) and h, and walks the backward in time chunks of l/8 steps, so the gradient
-    of h is never whole. Inputs in the math dtype: u, delta (b, d, l) with bias and softplus
-    applied, A (d, n), B, C (b, g, n, l). Returns y (b, d, l) and h_last (b, d, n).
+    Autograd through the loop would keep a few (b, d, n) tensors per step. The forward builds
+    exp(ΔA) and h, both (b, l, d, n), but saves only its inputs, time-major: u, delta (b, d, l) with
+    Δ's bias and softplus applied, A (d, n), B, C (b, g, n, l), in the math dtype. The backward
+    rebuilds both and walks back in chunks of ceil(l/8) steps, holding dL/dh one chunk at a time.
     """
 
     @staticmethod
@@ -178,42 +179,42 @@ class _ScanCore(torch.autograd.Function):
         ut, dt, A, Bt, Ct = ctx.saved_tensors
         b, l, d = ut.shape
         _, _, g, n = Bt.shape
-        H = d // g  # channels per group
-        dy = dy.transpose(1, 2).contiguous().view(b, l, g, H, 1)  # (b, l, g, d/g, 1)
-        du_in = (dt * ut).view(b, l, g, H, 1)  # (b, l, g, d/g, 1): Δ_t u_t
+        dg = d // g  # channels per group
+        dy = dy.transpose(1, 2).contiguous().view(b, l, g, dg, 1)  # (b, l, g, d/g, 1)
+        du_in = (dt * ut).view(b, l, g, dg, 1)  # (b, l, g, d/g, 1): Δ_t u_t
         dA, h = _scan_states(ut, dt, A, Bt)  # (b, l, d, n) each
         # dL/dC_t = Σ_channels h_t dy_t
-        dC = torch.bmm(h.view(-1, H, n).transpose(1, 2), dy.view(-1, H, 1))  # (b*l*g, n, 1)
+        dC = torch.bmm(h.view(-1, dg, n).transpose(1, 2), dy.view(-1, dg, 1))  # (b*l*g, n, 1)
         dB = torch.empty_like(Bt)  # (b, l, g, n)
         d_du = torch.empty_like(ut)  # (b, l, d): dL/d(Δ_t u_t)
         ddelta = torch.empty_like(ut)  # (b, l, d)
         dA_param = torch.zeros_like(A)  # (d, n)
         carry = dh_last  # (b, d, n): from later steps; autograd passes zeros when it is unused
-        chunk = -(-l // 8)
-        for s in reversed(range(0, l, chunk)):
-            e = min(s + chunk, l)
-            m = b * (e - s)  # (batch, step) pairs in this chunk
+        chunk = -(-l // 8)  # steps per chunk: ceil(l/8)
+        for t0 in reversed(range(0, l, chunk)):
+            t1 = min(t0 + chunk, l)  # this chunk: steps t0 to t1 - 1
+            m = b * (t1 - t0)  # (batch, step) pairs in this chunk
             # dL/dh_t = C_t dy_t + exp(Δ_{t+1} A) dL/dh_{t+1}: the recurrence run backwards
-            dh = (dy[:, s:e] * Ct[:, s:e, :, None, :]).view(b, e - s, d, n)  # (b, T, d, n)
+            dh = (dy[:, t0:t1] * Ct[:, t0:t1, :, None, :]).view(b, -1, d, n)  # (b, t1-t0, d, n)
             dh[:, -1] += carry
-            for t in range(e - s - 2, -1, -1):
-                dh[:, t].addcmul_(dA[:, s + t + 1], dh[:, t + 1])
-            carry = dA[:, s] * dh[:, 0]
-            dhg = dh.view(m * g, H, n)
-            dB_chunk = torch.bmm(dhg.transpose(1, 2), du_in[:, s:e].reshape(m * g, H, 1))
-            dB[:, s:e] = dB_chunk.view(b, e - s, g, n)
-            d_du[:, s:e] = torch.bmm(dhg, Bt[:, s:e].reshape(m * g, n, 1)).view(b, e - s, d)
+            for t in range(t1 - t0 - 2, -1, -1):
+                dh[:, t].addcmul_(dA[:, t0 + t + 1], dh[:, t + 1])
+            carry = dA[:, t0] * dh[:, 0]
+            dhg = dh.view(m * g, dg, n)
+            dB_chunk = torch.bmm(dhg.transpose(1, 2), du_in[:, t0:t1].reshape(m * g, dg, 1))
+            dB[:, t0:t1] = dB_chunk.view(b, t1 - t0, g, n)
+            d_du[:, t0:t1] = torch.bmm(dhg, Bt[:, t0:t1].reshape(m * g, n, 1)).view(b, -1, d)
             # through exp(Δ_t A): dL/d(Δ_t A) = dL/dh_t * exp(Δ_t A) * h_{t-1}, in dh's memory
-            q = dh.mul_(dA[:, s:e])  # (b, T, d, n)
-            q[:, 1:].mul_(h[:, s:e - 1])
-            if s > 0:
-                q[:, 0].mul_(h[:, s - 1])
+            q = dh.mul_(dA[:, t0:t1])  # (b, t1-t0, d, n)
+            q[:, 1:].mul_(h[:, t0:t1 - 1])
+            if t0 > 0:
+                q[:, 0].mul_(h[:, t0 - 1])
             else:
                 q[:, 0].zero_()  # h_{-1} = 0
             qd = q.view(m, d, n).transpose(0, 1)  # (d, m, n): the sums below batch over channels
-            ddelta_chunk = torch.bmm(qd, A[:, :, None]).view(d, b, e - s)  # Σ_n q A
-            ddelta[:, s:e] = ddelta_chunk.permute(1, 2, 0)
-            dt_chunk = dt[:, s:e].reshape(m, d).T[:, :, None]  # (d, m, 1)
+            ddelta_chunk = torch.bmm(qd, A[:, :, None]).view(d, b, t1 - t0)  # Σ_n q A
+            ddelta[:, t0:t1] = ddelta_chunk.permute(1, 2, 0)
+            dt_chunk = dt[:, t0:t1].reshape(m, d).T[:, :, None]  # (d, m, 1)
             dA_param += torch.bmm(qd.transpose(1, 2), dt_chunk).squeeze(-1)  # Σ q Δ
         ddelta += d_du * ut
         du = d_du * dt  # (b, l, d)
@@ -294,9 +295,9 @@ def _cuda_kernel():
     if _scan_ext is None and _scan_why is None:
         try:
             _scan_ext = _build_kernel()
-        except Exception as e:  # any failure: star.py falls back to the PyTorch scan
-            first = next((line for line in str(e).splitlines() if line.strip()), "")
-            _scan_why = f"{type(e).__name__}: {first[:200]}"
+        except Exception as err:  # any failure: star.py falls back to the PyTorch scan
+            first = next((line for line in str(err).splitlines() if line.strip()), "")
+            _scan_why = f"{type(err).__name__}: {first[:200]}"
     return _scan_ext, _scan_why
 
 
@@ -453,7 +454,7 @@ class StarConfig:
     dec_heads: int = 3           # ARM's heads are 64 wide: dec_width // 64
     taps: int = 4                # encoder layers the decoder reads, in the upper half (ARM)
     num_classes: int = 10
-    scan_dirs: int = 4           # classifier scans: 4 = rows, columns both ways (ARM), 2 = Vim's
+    scan_dirs: int = 4           # classifier: 4 rows, columns both ways (ARM); 2 rows (Vim); 1
     drop_path: float = 0.0       # stochastic depth at the last block (linearly less before it)
 
     def __post_init__(self):
@@ -545,9 +546,9 @@ class MambaMixer(nn.Module):
         elif self.dirs > 1:
             raise ValueError(f"this mixer scans {self.dirs} directions: pass their token orders")
         u = x.transpose(-1, -2).reshape(b, self.dirs * d, l)  # (b, dirs*d, l)
-        k = self.conv_weight.shape[-1]
-        u = F.conv1d(u, self.conv_weight.view(-1, 1, k), self.conv_bias.flatten(),
-                     padding=k - 1, groups=self.dirs * d)  # (b, dirs*d, l + k - 1)
+        d_conv = self.conv_weight.shape[-1]
+        u = F.conv1d(u, self.conv_weight.view(-1, 1, d_conv), self.conv_bias.flatten(),
+                     padding=d_conv - 1, groups=self.dirs * d)  # (b, dirs*d, l + d_conv - 1)
         u = F.silu(u[..., :l])  # (b, dirs*d, l): the right padding cut, so causal
         proj = self.x_proj @ u.view(b, self.dirs, d, l)  # (b, dirs, r + 2n, l)
         dt, B, C = proj.split(self.split, dim=2)  # B, C (b, dirs, n, l): one group per direction
@@ -628,17 +629,17 @@ def sincos_2d(grid, width):
 
 def patchify(imgs, p):
     """(b, C, H, W) -> (b, N, p*p*C): patches in raster order, pixels as (py, px, channel)."""
-    b, c, hh, ww = imgs.shape
-    x = imgs.reshape(b, c, hh // p, p, ww // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (hh // p) * (ww // p), p * p * c)
+    b, chans, hh, ww = imgs.shape
+    x = imgs.reshape(b, chans, hh // p, p, ww // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (hh // p) * (ww // p), p * p * chans)
 
 
-def unpatchify(patches, p, c):
+def unpatchify(patches, p, chans):
     """(b, N, p*p*C) -> (b, C, H, W), the inverse of patchify for square images."""
     b, num, _ = patches.shape
-    g = math.isqrt(num)
-    x = patches.reshape(b, g, g, p, p, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+    grid = math.isqrt(num)
+    x = patches.reshape(b, grid, grid, p, p, chans)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, chans, grid * p, grid * p)
 
 
 def cluster_order(grid, c):
@@ -659,7 +660,7 @@ def scan_orders(grid, dirs):
 
 
 class VisionMamba(nn.Module):
-    """Patch embedding, then MambaMLP blocks; returns the output of the blocks taps_at names."""
+    """MambaMLP blocks over tokens (embed makes them from patches); returns taps_at's outputs."""
 
     def __init__(self, cfg, dirs=1):
         super().__init__()
@@ -762,10 +763,10 @@ class CrossBlock(nn.Module):
     def forward(self, x, mem, visible):
         """x (b, Q, e) queries; mem (b, L, e) this layer's encoder features; visible (Q, L) bool."""
         q = self.q(self.norm_q(x))  # (b, Q, e)
-        k, v = self.kv(self.norm_kv(mem)).chunk(2, dim=-1)  # (b, L, e) each
+        key, value = self.kv(self.norm_kv(mem)).chunk(2, dim=-1)  # (b, L, e) each
         # split the heads: (b, heads, Q or L, e/heads)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (b, heads, Q, e/heads)
+        q, key, value = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, key, value))
+        att = F.scaled_dot_product_attention(q, key, value, visible)  # (b, heads, Q, e/heads)
         x = x + self.proj(att.transpose(1, 2).flatten(2))  # (b, Q, e)
         return x + self.mlp(self.norm2(x))
 
@@ -884,11 +885,11 @@ class StarPretrain(nn.Module):
 
 
 class StarClassifier(nn.Module):
-    """Finetuning: the encoder on single images, scan_dirs scan directions, mean pooling, a head.
+    """Finetuning: the encoder on single images, cfg.scan_dirs directions, mean pooling, a head.
 
-    ARM also puts a cls token in the middle of the sequence; we pool the patch tokens only, since
-    the four scan directions already let every token see the whole image, and there is no token for
-    load_pretrained to miss.
+    ARM (four directions) also puts a cls token in the middle; we pool the patch tokens only: with 2
+    or 4 directions every token already sees the whole image (with 1, as in the demo preset, what
+    precedes it), and there is no token for load_pretrained to miss.
     """
 
     def __init__(self, cfg):
@@ -928,10 +929,9 @@ class StarClassifier(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Presets. Parameters of the classifier (four-way scans) / of the pretraining model (decoder):
+# Presets. Parameters of the classifier (cfg.scan_dirs scans) / of the pretraining model (decoder):
 #   tiny   35,582 / 52,212        tests in seconds on a CPU; 16 tokens an image, K=2
-#   demo   202,394 / 272,976      the CPU demo, K=2; one causal scan to classify, and next-patch
-#                                 targets (cluster 1), so pretraining reads the tokens in that order
+#   demo   202,394 / 272,976      CPU demo, K=2: next-patch targets, one causal scan, both raster
 #   cifar  5,629,642 / 7,464,432  32 px, patch 4, clusters of 2x2, K=4: 4 x (4 + 64) = 272 tokens
 #   base   84,879,592 / 99,243,776  STAR-B: 192 px, patch 16, clusters of 4x4, K=4:
 #          4 x (16 + 144) = 640 tokens; ARM-B has about 85M as a finetuned classifier

@@ -51,6 +51,62 @@ def test_predictions_never_see_their_own_cluster_or_later(separator, cluster):
         assert not later or changed[later].any(), "a change never reached any later prediction"
 
 
+def visibility_by_walking(cfg):
+    """What every image patch may see, from the packed layout written out token by token.
+
+    Returns one row per image patch in sequence order: the sequence positions before the first
+    token of its cluster (the positions its cluster's prediction may read)."""
+    separator_tokens = {"none": 0, "token": 1, "cluster": cfg.cluster ** 2}[cfg.separator]
+    patches_per_cluster = cfg.cluster ** 2
+    clusters_per_image = cfg.num_patches // patches_per_cluster
+    layout = []  # per sequence position: "separator" or (image, cluster)
+    for image in range(cfg.images_per_seq):
+        layout += ["separator"] * separator_tokens
+        for cluster in range(clusters_per_image):
+            layout += [(image, cluster)] * patches_per_cluster
+    rows = []
+    for token in layout:
+        if token != "separator":
+            first = layout.index(token)  # where this patch's cluster starts
+            rows.append([position < first for position in range(len(layout))])
+    return torch.tensor(rows)  # (K*N, L)
+
+
+@pytest.mark.parametrize("separator", ["none", "token", "cluster"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("cluster", [1, 2, 4])
+def test_every_target_sees_everything_before_its_cluster(separator, K, cluster):
+    # its own separator and the cluster just before it included; checked against the layout
+    # walked token by token, not against star's arithmetic
+    cfg = tiny(separator=separator, images_per_seq=K, cluster=cluster)
+    model = star.StarPretrain(cfg)
+    want = visibility_by_walking(cfg)  # (K*N, L)
+    assert want.shape == (K * cfg.num_patches, cfg.seq_len)
+    targets = want.any(1).nonzero().squeeze(1)  # a patch with something before it is a target
+    got_targets = model.target  # (Q,)
+    got_visible = model.visible  # (Q, L)
+    assert got_targets.tolist() == targets.tolist()
+    wrong = (got_visible != want[targets]).any(1).nonzero().squeeze(1).tolist()
+    assert not wrong, f"targets {got_targets[wrong].tolist()} see other positions than they should"
+    s = cfg.sep_len
+    N = cfg.num_patches
+    if K > 1:  # the first cluster of image 1 sees its separator and all of image 0, no more
+        first_of_image_1 = got_targets.tolist().index(N)
+        assert got_visible[first_of_image_1].sum() == 2 * s + N
+
+
+def test_cluster_order_written_out():
+    # the sequence order of the patches, as raster indices, written out by hand
+    assert star.cluster_order(4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7,
+                                                 8, 9, 12, 13, 10, 11, 14, 15]
+    # a 6x6 grid of 2x2 clusters: 3 clusters a row, so c and grid/c differ
+    assert star.cluster_order(6, 2).tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11,
+                                                 12, 13, 18, 19, 14, 15, 20, 21, 16, 17, 22, 23,
+                                                 24, 25, 30, 31, 26, 27, 32, 33, 28, 29, 34, 35]
+    assert star.cluster_order(4, 1).tolist() == list(range(16))  # next patch: raster order
+    assert star.cluster_order(4, 4).tolist() == list(range(16))  # one cluster: raster inside
+
+
 def test_every_image_gets_the_same_separator_and_unpacking_inverts_packing():
     cfg = tiny(images_per_seq=4)
     s = cfg.sep_len

@@ -226,6 +226,26 @@ def test_float32_B_C(ext, dtype):
 
 
 @gpu
+def test_kernel_built_for_gpus_before_sm_90(monkeypatch):
+    """the kernel's code for GPUs older than sm_90 (it adds dB and dC with four float atomicAdds
+    where sm_90 adds one float4) on this GPU: built for compute capability 8.0 with its PTX, which
+    the driver compiles for any newer GPU (an sm_80 binary does not run on sm_90), then compared
+    with selective_scan_ref forward and backward"""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("compute_80 PTX needs a GPU of compute capability 8.0 or later")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0+PTX")  # its own build, star_scan_sm80
+    before_sm_90 = star._build_kernel()
+    monkeypatch.setattr(star, "_scan_ext", before_sm_90)  # what selective_scan_cuda now runs
+    monkeypatch.setattr(star, "_scan_why", None)
+    torch.manual_seed(7)
+    # several blocks of 16 channels add into the same dB, dC; lengths not a multiple of 64
+    compare(make_inputs(2, 40, 197, 16, groups=2))
+    compare(make_inputs(2, 48, 70, 64))
+    compare(make_inputs(3, 32, 130, 33, dtype=BF16), dtype=BF16)
+    compare(make_inputs(2, 32, 260, 16, z=False), delta_softplus=False, return_last_state=False)
+
+
+@gpu
 def test_fast_decay_is_finite(ext):
     """delta up to 10 and A down to -16: exp(delta A) underflows to 0,
     nothing may become NaN or inf"""
