@@ -511,7 +511,8 @@ def test_compiled_step_matches_eager_on_a_gpu(make, preset, monkeypatch):
     """One training step of train.py's torch.compile (inductor, the CUDA scan as opaque custom ops)
     and one eager step from the same weights and batch: the same loss and gradients, in float32
     with TF32 off, where only the order of float sums differs (about 1e-6 relative; we allow
-    1e-3 of each gradient's norm; a wrong op or a dropped term is off by far more)."""
+    1e-3 of each gradient's norm, plus 1e-6 of the whole gradient's for those near 0); a wrong op,
+    a dropped term or an output 1% off is off by far more."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
@@ -528,6 +529,7 @@ def test_compiled_step_matches_eager_on_a_gpu(make, preset, monkeypatch):
         loss.backward()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    total = torch.stack([p.grad.norm() for p in eager.parameters()]).norm().item()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
-        err = (q.grad - p.grad).norm().item()
-        assert err <= 1e-3 * p.grad.norm().item() + 1e-9, (name, err, p.grad.norm().item())
+        err = (q.grad - p.grad).norm().item()  # gradients near 0: noise of the whole gradient's
+        assert err <= 1e-3 * p.grad.norm().item() + 1e-6 * total, (name, err, p.grad.norm())
