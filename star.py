@@ -423,9 +423,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False):
     """The scan the model calls: the CUDA kernel on a GPU, else the PyTorch scan (_scan_backend)."""
     backend, why = _scan_backend(u, delta, A, z)
-    if backend not in _backend_logged:  # once per backend: one line, a warning if a GPU goes slow
+    # one line per backend; not in torch.compile's trace, where a log call would split the graph
+    if not torch.compiler.is_compiling() and backend not in _backend_logged:
         _backend_logged.add(backend)
-        slow = backend == "torch" and u.is_cuda
+        slow = backend == "torch" and u.is_cuda  # a warning if a GPU goes slow
         log.log(logging.WARNING if slow else logging.INFO, f"selective scan: {backend} ({why})")
     scan = {"cuda": selective_scan_cuda, "torch": selective_scan_torch, "ref": selective_scan_ref}
     return scan[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

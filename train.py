@@ -94,6 +94,7 @@ class Args:
     num_samples: int = 8          # images in each sample grid
     device: str = "auto"          # auto | cpu | cuda
     precision: str = "auto"       # auto: bf16 on GPUs of sm_80+, fp16 (scaled) below, fp32 on CPU
+    compile: str = "auto"         # torch.compile the step; auto: on GPUs (15% faster), not on CPUs
     progress: bool = True         # tqdm bars
     overrides: dict = field(default_factory=dict)  # StarConfig fields given as flags
 
@@ -144,7 +145,7 @@ def make_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(Args)
     choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS),
-               "precision": ("auto", "bf16", "fp16", "fp32")}
+               "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp16", "fp32")}
     for f in fields(Args):
         if f.type is bool:  # --flag alone means true
             p.add_argument(f"--{f.name}", default=f.default, type=_bool, help=helps.get(f.name),
@@ -751,6 +752,15 @@ def train_phase(name, model, data, args, env):
     ddp_model = model
     if env.ddp:
         ddp_model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    phase.warm_up = 0  # when compiling: the time the first step began
+    if args.compile == "on" or (args.compile == "auto" and env.device.type == "cuda"):
+        if env.device.type == "cuda":  # build the scan kernel now: a build in the trace splits it
+            star._cuda_kernel()
+        # one graph of fixed shapes (train_epoch drops the last partial batch); evaluation, the EMA
+        # and the checkpoints keep the plain model, whose state dict has no _orig_mod. prefixes
+        ddp_model = torch.compile(ddp_model, dynamic=False)
+        log.info(f"{name}: torch.compile of the training step; the first step compiles it")
+        phase.warm_up = time.time()
     for epoch in range(start, epochs):
         t0 = time.time()
         loss, lr = train_epoch(phase, ddp_model, epoch, data, args, env)
@@ -800,6 +810,10 @@ def train_epoch(phase, model, epoch, data, args, env):
         if phase.ema is not None:
             phase.ema.update_parameters(phase.model)
         losses[i] = loss.detach()
+        if phase.warm_up:  # the first compiled step: say how long compiling took
+            loss.item()  # wait for the step
+            log.info(f"{phase.name}: first step compiled in {time.time() - phase.warm_up:.0f} s")
+            phase.warm_up = 0
         bar.update(B)
         if (i + 1) % args.log_every == 0 or i + 1 == phase.steps:
             seen += check_losses(losses[len(seen):i + 1], len(seen), epoch, phase, env)

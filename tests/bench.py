@@ -7,6 +7,7 @@ or on the CPU: python tests/bench.py --cpu
     (the PyTorch scan against the reference at (8, 192, 16, 272), float32)
 or whole pretraining steps against K:
     python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
+    [--compile off,default,reduce-overhead]  (eager and torch.compile modes, each timed)
 Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak
 memory above the inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and
 the official kernel (--official).
@@ -157,9 +158,11 @@ def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
               f"fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
 
 
-def model_bench(presets, ks, backends, dirs, dtype, steps=10):
+def model_bench(presets, ks, backends, dirs, dtype, modes=("off",), steps=10):
     """Images/s and peak memory per image of whole training steps (forward, backward, AdamW):
-    pretraining against K, then the finetuning classifier against its number of scan directions.
+    pretraining against K, then the finetuning classifier against its number of scan directions;
+    each eager (mode off) and torch.compile'd in the other modes, with the warm-up's seconds (the
+    three steps before timing: compiling, and in reduce-overhead mode recording CUDA graphs).
 
     The batch is the largest of 1024, 512, ... images that fits (at least K); autocast to dtype on
     a GPU.
@@ -167,8 +170,9 @@ def model_bench(presets, ks, backends, dirs, dtype, steps=10):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, {dtype}")
-    print("| preset | step | tokens | scan | batch | images/s | peak MiB per image |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | step | tokens | scan | compile | batch | images/s | peak MiB per image "
+          "| warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for preset in presets:
         rows = [(f"pretrain K={K}", star.StarPretrain, star.make_config(preset, images_per_seq=K))
                 for K in (ks if preset != "base" else [4])]
@@ -178,37 +182,44 @@ def model_bench(presets, ks, backends, dirs, dtype, steps=10):
         for label, make, cfg in rows:
             unit = cfg.images_per_seq if make is star.StarPretrain else 1
             tokens = cfg.seq_len if make is star.StarPretrain else cfg.num_patches
-            for backend in backends:
+            for backend, mode in [(b, m) for b in backends for m in modes]:
                 os.environ["STAR_SCAN"] = backend
+                row = f"| {preset} | {label} | {tokens} | {backend} | {mode} |"
                 for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8)
                               if b >= unit and b % unit == 0]:
                     try:
-                        rate, peak = _time_steps(make(cfg), batch, device, steps, dtype)
+                        rate, peak, warm = _time_steps(make(cfg), batch, device, steps, dtype,
+                                                       mode)
                         break
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
                 else:
-                    print(f"| {preset} | {label} | {tokens} | {backend} | - | out of memory | |")
+                    print(f"{row} - | out of memory | | |")
                     continue
-                print(f"| {preset} | {label} | {tokens} | {backend} | {batch} | {rate:.0f} | "
-                      f"{peak / batch:.2f} |", flush=True)
+                print(f"{row} {batch} | {rate:.0f} | {peak / batch:.2f} | {warm:.1f} |",
+                      flush=True)
     os.environ.pop("STAR_SCAN")
 
 
-def _time_steps(model, batch, device, steps, dtype):
+def _time_steps(model, batch, device, steps, dtype, mode="off"):
     torch.manual_seed(0)
     model = model.to(device)
     cfg = model.cfg
+    start = time.perf_counter()
+    if mode != "off":  # reset: each model is a new graph, past dynamo's limit of 8 per forward
+        torch._dynamo.reset()
+        model = torch.compile(model, mode=mode, dynamic=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(cfg.num_classes, (batch,), device=device)
     cuda = device == "cuda"
-    for i in range(steps + 2):  # two warm-up steps
-        if i == 2:
+    for i in range(steps + 3):  # three warm-up steps: reduce-overhead records graphs on the 2nd
+        if i == 3:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            warm = time.perf_counter() - start
             start = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=cuda and dtype != torch.float32):
             out = model(x)
@@ -222,7 +233,7 @@ def _time_steps(model, batch, device, steps, dtype):
     rate = steps * batch / (time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
     del model, opt
-    return rate, peak
+    return rate, peak, warm
 
 
 def main():
@@ -244,6 +255,9 @@ def main():
     parser.add_argument("--dirs", default="1,2,4", help="--model: the classifier's scan directions")
     parser.add_argument("--precision", default="bf16",
                         help="--model: autocast dtype (bf16, fp16, fp32)")
+    parser.add_argument("--compile", default="off",
+                        help="--model: time each step eager (off) and/or torch.compile'd in these "
+                             "modes, e.g. off,default,reduce-overhead")
     args = parser.parse_args()
     if args.cpu:
         return cpu_bench()
@@ -251,7 +265,8 @@ def main():
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.precision]
         return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")],
-                           args.backends.split(","), [int(s) for s in args.dirs.split(",")], dtype)
+                           args.backends.split(","), [int(s) for s in args.dirs.split(",")], dtype,
+                           args.compile.split(","))
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     t = time.time()
     ext, why = _cuda_kernel()

@@ -354,3 +354,13 @@ def test_bad_images_raise():
         model(torch.randn(2, 3, 32, 32, device="meta"))
     with pytest.raises(ValueError, match="unknown preset"):
         star.make_config("huge")
+
+
+@pytest.mark.parametrize("make", [star.StarPretrain, star.StarClassifier])
+def test_the_model_traces_into_one_graph(make, monkeypatch):
+    """torch.compile (train.py --compile) sees each model as one graph: nothing in a forward (a
+    log line, a .item()) splits it, even on the first call, when the scan says which one runs."""
+    monkeypatch.setattr(star, "_backend_logged", set())  # as in a fresh process
+    cfg = tiny(scan_dirs=2)
+    model = torch.compile(make(cfg), fullgraph=True, backend="eager")  # fullgraph: break = error
+    model(images(cfg, 2 * cfg.images_per_seq).float())

@@ -27,7 +27,8 @@ import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num_train", "96", "--num_test", "32", "--batch_size", "16", "--progress", "false",
-         "--log_every", "2", "--finetune_epochs", "1"]
+         "--log_every", "2", "--finetune_epochs", "1",
+         "--compile", "off"]  # on a GPU too: compiling costs each run 15 s or more; tests below
 CPU = SimpleNamespace(device=torch.device("cpu"), master=True, ddp=False, rank=0, world=1)
 
 
@@ -494,3 +495,64 @@ def test_fp16_trains_with_a_gradient_scaler_that_is_checkpointed(tmp_path):
     assert summary["ar_loss_after"] < summary["ar_loss_before"]
     scaler = torch.load(tmp_path / "r" / "pretrain.pt", weights_only=False)["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+
+
+def test_compiled_run_saves_plain_weights_and_resume_compiles_again(tmp_path, monkeypatch, caplog):
+    """--compile on: the step runs compiled (dynamo traces it; its eager backend, since inductor
+    takes minutes on a CPU), trains the model that is saved (the eager run's numbers), under keys
+    without _orig_mod. (an eager run resumes them); --resume compiles again and says how long."""
+    compiled = []
+    real = torch.compile
+
+    def spy(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    argv = ["--mode", "pretrain", "--preset", "tiny", "--eval_every", "1"]
+    caplog.set_level("INFO", logger="train")
+    run(tmp_path / "c", *argv, "--pretrain_epochs", "1", "--compile", "on")
+    run(tmp_path / "e", *argv, "--pretrain_epochs", "1")
+    def numbers(out):
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records(out)
+                if "phase" in r]
+    assert len(compiled) == 1 and numbers(tmp_path / "c") == numbers(tmp_path / "e")
+    for key in ("model", "optimizer"):
+        saved = torch.load(tmp_path / "c" / "pretrain.pt", weights_only=False)[key]
+        assert "_orig_mod" not in str(list(saved)), key
+    run(tmp_path / "c", *argv, "--pretrain_epochs", "2", "--compile", "on", "--resume")
+    assert len(compiled) == 2  # the resumed run compiles too
+    assert len(re.findall(r"pretrain: first step compiled in \d+ s", caplog.text)) == 2
+    run(tmp_path / "c", *argv, "--pretrain_epochs", "3", "--resume")  # eager goes on from it
+    assert len(compiled) == 2 and numbers(tmp_path / "c")[-1]["epoch"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make, preset", [(star.StarPretrain, "cifar"),
+                                          (star.StarClassifier, "cifar")])  # 4 scan directions
+def test_compiled_step_matches_eager_on_a_gpu(make, preset, monkeypatch):
+    """One training step of train.py's torch.compile (inductor, the CUDA scan as opaque custom ops)
+    and one eager step from the same weights and batch: the same loss and gradients, in float32
+    with TF32 off, where only the order of float sums differs (about 1e-6 relative; we allow
+    1e-3 of each gradient's norm, plus 1e-6 of the whole gradient's for those near 0); a wrong op,
+    a dropped term or an output 1% off is off by far more."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    eager = make(star.make_config(preset, drop_path=0.0)).cuda()
+    compiled = make(star.make_config(preset, drop_path=0.0)).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+    y = torch.randint(10, (64,), device="cuda")
+    step = torch.compile(compiled, dynamic=False)
+    losses = []
+    for model, call in ((eager, eager), (compiled, step)):
+        out = call(x)
+        loss = out if make is star.StarPretrain else torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    total = torch.stack([p.grad.norm() for p in eager.parameters()]).norm().item()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        err = (q.grad - p.grad).norm().item()  # gradients near 0: noise of the whole gradient's
+        assert err <= 1e-3 * p.grad.norm().item() + 1e-6 * total, (name, err, p.grad.norm())
