@@ -346,6 +346,30 @@ def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, t
     assert "AR test loss by image slot" in capsys.readouterr().out
 
 
+def test_distractors_replace_slots_1_3_and_change_the_loss_of_what_follows(default_run, tmp_path,
+                                                                           capsys):
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    for kind in ("noise", "shapes"):
+        y = train.with_distractors(x, 4, kind)
+        assert (y != x).flatten(1).any(1).tolist() == [True, False, True, False] * 2
+    out, _ = default_run
+    plain = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "pretrain.pt"))
+    hit = run(tmp_path / "d", "--mode", "eval", "--init", str(out / "pretrain.pt"),
+              "--distractor", "shapes")
+    # the same sequences: the plain metrics come out unchanged, next to slot 2's after a distractor
+    assert {k: v for k, v in hit.items() if not k.endswith("_shapes")} == plain
+    assert sorted(k for k in hit if k.endswith("_shapes")) == ["loss_slot2_first_shapes",
+                                                               "loss_slot2_rest_shapes"]
+    assert hit["loss_slot2_first_shapes"] != plain["loss_slot2_first"]
+    assert "real predecessor -> distractor" in capsys.readouterr().out
+    assert records(tmp_path / "d")[-1] == hit
+
+
+def test_model_flags_take_true_or_false():
+    argv = ["--enc_pos", "false", "--scan_clusters", "true"]
+    assert train.parse_args(argv).overrides == {"enc_pos": False, "scan_clusters": True}
+
+
 def test_pretraining_clips_the_gradient_norm_and_finetuning_does_not(tmp_path, monkeypatch):
     clip = torch.nn.utils.clip_grad_norm_
     calls = []
