@@ -160,12 +160,17 @@ def dirs_table(out):
     return lines
 
 
-def main(out):
-    for title, table in (("Accuracy", accuracy_table), ("AR test loss by image slot", slot_table),
-                         ("Images per sequence", k_table),
-                         ("Scan directions (held-out)", dirs_table)):
+def print_tables(out, tables):
+    """Print every (title, function of OUT giving a table's lines) of tables as a section."""
+    for title, table in tables:
         print(f"\n### {title}\n")
         print("\n".join(table(out)))
+
+
+def main(out):
+    print_tables(out, (("Accuracy", accuracy_table), ("AR test loss by image slot", slot_table),
+                       ("Images per sequence", k_table),
+                       ("Scan directions (held-out)", dirs_table)))
 
 
 if __name__ == "__main__":

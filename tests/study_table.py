@@ -8,8 +8,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evidence_table import (PAIRED_HEAD, last, mean_sd, paired_row, pct, records,  # noqa: E402
-                            runs, slot_table)
+from evidence_table import (PAIRED_HEAD, last, mean_sd, paired_row, pct,  # noqa: E402
+                            print_tables, records, runs, slot_table)
 
 ROWS = {"star": "STAR, positions", "concat": "concatenation, positions",
         "star_nopos": "STAR, no positions", "concat_nopos": "concatenation, no positions"}
@@ -65,7 +65,8 @@ def probe_table(out):
 
 
 def accuracy_table(out):
-    lines = ["| pretraining | seeds | held-out top-1 per seed | mean | sd |", "|---|---|---|---|---|"]
+    lines = ["| pretraining | seeds | held-out top-1 per seed | mean | sd |",
+             "|---|---|---|---|---|"]
     acc = {name: by_seed(out, name, "log.jsonl", "finetune", "test_acc") for name in ROWS}
     for name, label in ROWS.items():
         if acc[name]:
@@ -86,12 +87,10 @@ def slots_table(out):
 
 
 def main(out):
-    for title, table in (("AR loss by image slot (held-out images)", slots_table),
-                         ("AR loss after a distractor in slots 1, 3, ...", interference_table),
-                         ("Linear probes (one causal direction, held-out images)", probe_table),
-                         ("Finetuned, held-out accuracy", accuracy_table)):
-        print(f"\n### {title}\n")
-        print("\n".join(table(out)))
+    print_tables(out, (("AR loss by image slot (held-out images)", slots_table),
+                       ("AR loss after a distractor in slots 1, 3, ...", interference_table),
+                       ("Linear probes (one causal direction, held-out images)", probe_table),
+                       ("Finetuned, held-out accuracy", accuracy_table)))
 
 
 if __name__ == "__main__":
