@@ -456,6 +456,8 @@ class StarConfig:
     taps: int = 4                # encoder layers the decoder reads, in the upper half (ARM)
     num_classes: int = 10
     scan_dirs: int = 4           # classifier: 4 rows, columns both ways (ARM); 2 rows (Vim); 1
+    scan_clusters: bool = False  # the classifier reads rows c x c patches at a time, as pretrained
+    enc_pos: bool = True         # add the 2D positions to the encoder's tokens (False: an ablation)
     drop_path: float = 0.0       # stochastic depth at the last block (linearly less before it)
 
     def __post_init__(self):
@@ -649,14 +651,15 @@ def cluster_order(grid, c):
     return idx.permute(0, 2, 1, 3).flatten()
 
 
-def scan_orders(grid, dirs):
-    """The classifier's token orders: rows forward/backward, columns forward/backward.
+def scan_orders(grid, dirs, c=1):
+    """The classifier's token orders: rows forward/backward, columns forward/backward; with c > 1
+    the rows go c x c patches at a time (cluster_order), as the pretraining read them.
 
     Returns perm and its inverse, both (dirs, N): direction i reads the tokens x[:, perm[i]].
     """
-    raster = torch.arange(grid * grid)
-    columns = raster.view(grid, grid).T.flatten()
-    perm = torch.stack([raster, raster.flip(0), columns, columns.flip(0)][:dirs])  # (dirs, N)
+    rows = cluster_order(grid, c)  # (N,): raster when c = 1
+    columns = torch.arange(grid * grid).view(grid, grid).T.flatten()  # (N,)
+    perm = torch.stack([rows, rows.flip(0), columns, columns.flip(0)][:dirs])  # (dirs, N)
     return perm, torch.argsort(perm, dim=1)
 
 
@@ -667,12 +670,15 @@ class VisionMamba(nn.Module):
         super().__init__()
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.width)  # a stride-p conv, on patches
         self.register_buffer("pos", sincos_2d(cfg.grid, cfg.width), persistent=False)  # (N, width)
+        self.enc_pos = cfg.enc_pos
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MambaMLPBlock(cfg, dirs, r) for r in rates)
 
     def embed(self, patches):
-        """(b, N, p*p*C) raster order -> (b, N, width), with the same positions in every image."""
-        return self.patch_embed(patches) + self.pos
+        """(b, N, p*p*C) raster order -> (b, N, width), with the same positions in every image
+        (none with enc_pos off: then only the scan's order tells where a patch is)."""
+        tokens = self.patch_embed(patches)  # (b, N, width)
+        return tokens + self.pos if self.enc_pos else tokens
 
     def forward(self, x, taps_at=(), orders=None):
         """x (b, l, width) -> list of (b, l, width): one per index in taps_at, or the last."""
@@ -899,7 +905,8 @@ class StarClassifier(nn.Module):
         self.encoder = VisionMamba(cfg, dirs=cfg.scan_dirs)
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.num_classes)
-        perm, inverse = scan_orders(cfg.grid, cfg.scan_dirs)  # (dirs, N) each
+        c = cfg.cluster if cfg.scan_clusters else 1
+        perm, inverse = scan_orders(cfg.grid, cfg.scan_dirs, c)  # (dirs, N) each
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("inverse", inverse, persistent=False)
         _init_linear(self)

@@ -96,6 +96,7 @@ class Args:
     precision: str = "auto"       # auto: bf16 on GPUs of sm_80+, fp16 (scaled) below, fp32 on CPU
     compile: str = "auto"         # torch.compile the step; auto: on GPUs (15% faster), not on CPUs
     progress: bool = True         # tqdm bars
+    distractor: str = "none"      # mode eval of a pretraining: also with slots 1, 3, ... replaced
     overrides: dict = field(default_factory=dict)  # StarConfig fields given as flags
 
 # -----------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class Args:
 
 MODES = ("all", "pretrain", "finetune", "probe", "eval")
 DATASETS = "synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"
+DISTRACTORS = ("none", "noise", "shapes")  # what --distractor puts before the images it measures
 FROM_DATA = ("img_size", "in_chans", "num_classes")  # model fields the data decides
 # the flags a resumed phase must share with the run that wrote its checkpoint (besides the model)
 RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "batch_size",
@@ -145,7 +147,8 @@ def make_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(Args)
     choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS),
-               "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp16", "fp32")}
+               "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp16", "fp32"),
+               "distractor": DISTRACTORS}
     for f in fields(Args):
         if f.type is bool:  # --flag alone means true
             p.add_argument(f"--{f.name}", default=f.default, type=_bool, help=helps.get(f.name),
@@ -159,7 +162,8 @@ def make_parser():
         v = [format(getattr(c, f.name), ".4g" * (f.type is float)) for c in star.PRESETS.values()]
         default = v[0] if len(set(v)) == 1 else f"{'/'.join(star.PRESETS)} {'/'.join(v)}"
         if f.name not in FROM_DATA:  # SUPPRESS: only the flags given become overrides
-            g.add_argument(f"--{f.name}", type=f.type, default=argparse.SUPPRESS,
+            kind = _bool if f.type is bool else f.type
+            g.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
                            dest=f"model_{f.name}", choices=MODEL_CHOICES.get(f.name),
                            metavar=None if f.name in MODEL_CHOICES else f.name.upper(),
                            help=f"{helps[f.name]} (default: {default})")
@@ -569,10 +573,22 @@ def check_config(saved, cfg, names, what):
                         f"Pass the same --preset and flags as the run that wrote it")
 
 
-@torch.no_grad()
 def evaluate(model, data, args, env, by_slot=False):
     """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split;
     by_slot: a pretraining model's loss also by image slot and cluster, printed as a table."""
+    sums, n = loss_sums(model, data, args, env)
+    if isinstance(model, star.StarClassifier):
+        return {"test_loss": sums[0].item() / n, "test_acc": sums[1].item() / n}
+    metrics = {"test_loss": sums.mean().item() / n}
+    if by_slot:
+        metrics |= slot_table(model, sums / n, env)
+    return metrics
+
+
+@torch.no_grad()
+def loss_sums(model, data, args, env):
+    """Sums over the test split and the ranks: (loss, correct) (2,) of a classifier, or the loss of
+    each target (Q,) of a pretraining model; and n, the images or sequences of K summed over."""
     classify = isinstance(model, star.StarClassifier)
     unit = 1 if classify else model.cfg.images_per_seq
     if len(data.x_test) < unit:
@@ -598,28 +614,56 @@ def evaluate(model, data, args, env, by_slot=False):
     model.train()
     if env.ddp:
         dist.all_reduce(sums)
-    if classify:
-        return {"test_loss": sums[0].item() / n, "test_acc": sums[1].item() / n}
-    metrics = {"test_loss": sums.mean().item() / n}
-    if by_slot:
-        metrics |= slot_table(model, sums / n, env)
-    return metrics
+    return sums, n
 
 
 def slot_table(model, target_loss, env):
     """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
     where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
-    K = model.cfg.images_per_seq
     rows = model.loss_by_slot(target_loss)
-    got = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
-    lines = [f"AR test loss by image slot (K={K}, separator {model.cfg.separator}), "
-             f"targets per sequence in parentheses:",
-             "  slot  first cluster     other clusters"]
-    for k in range(1, K + 1):
+    cells = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
+    print_slots(f"AR test loss by image slot (K={model.cfg.images_per_seq}, separator "
+                f"{model.cfg.separator}), targets per sequence in parentheses:", cells, env)
+    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
+
+
+def interference(model, data, clean, args, env):
+    """Does the separator shield an image from what came before? The AR test loss of the images in
+    slots 2, 4, ... after a distractor (with_distractors), next to their loss after their real
+    predecessors (clean: evaluate's by_slot metrics), printed; {"loss_slot{k}_{part}_{kind}"}."""
+    swapped = SimpleNamespace(**vars(data))
+    swapped.x_test = with_distractors(data.x_test, model.cfg.images_per_seq, args.distractor)
+    sums, n = loss_sums(model, swapped, args, env)
+    rows = [r for r in model.loss_by_slot(sums / n) if r["slot"] % 2 == 0]
+    keys = [f"loss_slot{r['slot']}_{r['part']}" for r in rows]
+    cells = {(r["slot"], r["part"]): f"{clean[key]:.4f} -> {r['loss']:.4f}"
+             for r, key in zip(rows, keys)}
+    print_slots(f"AR test loss after a distractor ({args.distractor} in slots 1, 3, ...), "
+                f"real predecessor -> distractor:", cells, env)
+    return {f"{key}_{args.distractor}": r["loss"] for r, key in zip(rows, keys)}
+
+
+def with_distractors(x, K, kind):
+    """uint8 images (n, C, H, W) in sequences of K, those in slots 1, 3, ... replaced by uniform
+    noise pixels or by built-in shapes (their first C channels); the same ones every time."""
+    x = x.clone()
+    replaced = torch.arange(len(x), device=x.device) % K % 2 == 0  # (n,): slots 1, 3, ...
+    if kind == "noise":
+        gen = torch.Generator(x.device).manual_seed(0)
+        x[replaced] = torch.randint_like(x[replaced], 256, generator=gen)  # (m, C, H, W)
+    else:  # shapes: seeds 0 and 1 are the synthetic data's own splits
+        m, c, size, _ = x[replaced].shape
+        x[replaced] = synthetic_shapes(m, size, seed=2)[0][:, :c].to(x.device)  # (m, C, H, W)
+    return x
+
+
+def print_slots(title, got, env):
+    """Print title and a line per image slot in got {(slot, "first" or "rest"): text}, - if none."""
+    lines = [title, "  slot  first cluster     other clusters"]
+    for k in sorted({slot for slot, _ in got}):
         lines.append(f"  {k:4d}  {got.get((k, 'first'), '-'):<16s}  {got.get((k, 'rest'), '-')}")
     if env.master:
         print("\n".join(lines), flush=True)
-    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
 
 
 @torch.no_grad()
@@ -998,6 +1042,9 @@ def evaluate_checkpoint(data, args, env):
                         f"{cfg.img_size}, {cfg.num_classes} classes); --img_size {cfg.img_size} "
                         f"resizes the images")
     pretrained = ckpt["phase"] == "pretrain"
+    if args.distractor != "none" and (not pretrained or cfg.images_per_seq < 2):
+        raise UserError(f"--distractor needs a pretraining checkpoint of K >= 2 images per "
+                        f"sequence; {args.init} is a {ckpt['phase']} one of K={cfg.images_per_seq}")
     model = (star.StarPretrain if pretrained else star.StarClassifier)(cfg).to(env.device)
     weights = ckpt["model"]
     if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them
@@ -1006,6 +1053,8 @@ def evaluate_checkpoint(data, args, env):
     data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
     data.std = ckpt["norm"][1].to(env.device)
     metrics = evaluate(model, data, args, env, by_slot=True)
+    if args.distractor != "none":
+        metrics |= interference(model, data, metrics, args, env)
     result = {"phase": "eval", "checkpoint": args.init} | metrics
     if pretrained and env.master:
         sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))

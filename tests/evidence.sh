@@ -44,20 +44,6 @@ done
 JOBS+=("star8 0 pre,ft --images_per_seq 8 --separator cluster"
        "concat8 0 pre --images_per_seq 8 --separator none"
        "star2 0 pre,ft --images_per_seq 2 --separator cluster")
-mkdir -p "$OUT"
-echo 0 > "$OUT/.next"
-
-next_job() {  # the index of the next job nobody has taken
-    flock "$OUT/.next" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$OUT/.next"
-}
-
-step() {  # step LABEL COMMAND...: run it, then print "LABEL S s" with its wall time
-    local label=$1 t0=$SECONDS
-    shift
-    "$@" || { echo "$label: failed"; return 1; }
-    echo "$label $((SECONDS - t0)) s"
-}
-
 job() {  # job NAME SEED STEPS [model flags...]
     local name=$1 seed=$2 steps=$3 dir=$OUT/${1}_s$2
     shift 3
@@ -85,21 +71,6 @@ job() {  # job NAME SEED STEPS [model flags...]
     fi
 }
 
-lane() {  # lane GPU: take jobs until none is left
-    local gpu=$1 i
-    while i=$(next_job) && [ "$i" -lt ${#JOBS[@]} ]; do
-        set -- ${JOBS[$i]}
-        CUDA_VISIBLE_DEVICES=$gpu job "$@" > "$OUT/${1}_s$2.log" 2>&1 \
-            || echo "job $1 seed $2 failed: see $OUT/${1}_s$2.log"
-    done
-}
-
-"$PY" -c "import star, torch; torch.cuda.is_available() and star._cuda_kernel()"  # build once
-GPUS=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-for g in $(seq 0 $((GPUS - 1))); do
-    for w in $(seq "$WORKERS"); do
-        lane "$g" &
-    done
-done
-wait
+source "$(dirname "$0")/job_queue.sh"
+run_jobs "$WORKERS"
 echo "evidence.sh: all ${#JOBS[@]} jobs ended"

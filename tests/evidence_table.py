@@ -81,30 +81,43 @@ def accuracy_table(out):
         loss = f"{mean_sd(ar)[0]:.4f}" if ar else "-"
         lines.append(f"| {label} | {len(acc[name])} | {each} | **{pct(m)}** | {100 * sd:.2f} "
                      f"| {probe} | {loss} |")
-    lines += ["", "| paired by seed | difference (points) | 95% t interval | n | significant? |",
-              "|---|---|---|---|---|"]
+    lines += PAIRED_HEAD
     for a, b in (("star", "arm"), ("star", "concat"), ("concat", "arm"), ("star", "scratch")):
-        p = paired(acc.get(a, {}), acc.get(b, {}))
-        if p:
-            m, h, n = p
-            verdict = "yes" if abs(m) > h else "no: the interval holds 0"
-            lines.append(f"| {ROWS[a].split(' (')[0]} - {ROWS[b].split(' (')[0]} | {100 * m:+.2f} "
-                         f"| {100 * (m - h):+.2f} to {100 * (m + h):+.2f} | {n} | {verdict} |")
+        name = f"{ROWS[a].split(' (')[0]} - {ROWS[b].split(' (')[0]}"
+        lines += paired_row(name, acc.get(a, {}), acc.get(b, {}))
     return lines
 
 
-def slot_table(out):
+PAIRED_HEAD = ["", "| paired by seed | difference (points) | 95% t interval | n | significant? |",
+               "|---|---|---|---|---|"]
+
+
+def paired_row(name, a, b):
+    """[the Markdown row of paired(a, b) in points], or [] with fewer than two seeds in common."""
+    p = paired(a, b)
+    if not p:
+        return []
+    m, h, n = p
+    verdict = "yes" if abs(m) > h else "no: the interval holds 0"
+    return [f"| {name} | {100 * m:+.2f} | {100 * (m - h):+.2f} to {100 * (m + h):+.2f} | {n} "
+            f"| {verdict} |"]
+
+
+SLOT_ROWS = (("star", "STAR K=4"), ("concat", "concatenation K=4"), ("star8", "STAR K=8"),
+             ("concat8", "concatenation K=8"), ("arm", "ARM K=1"), ("star2", "STAR K=2"))
+
+
+def slot_table(out, rows=SLOT_ROWS, folder="slots"):
+    """The AR loss by slot of each (name, label) in rows, from the eval in each run's folder."""
     lines = ["| pretraining | seeds | slot: first cluster / other clusters (mean over seeds) |",
              "|---|---|---|"]
-    for name, label in (("star", "STAR K=4"), ("concat", "concatenation K=4"),
-                        ("star8", "STAR K=8"), ("concat8", "concatenation K=8"),
-                        ("arm", "ARM K=1"), ("star2", "STAR K=2")):
-        evals = [records(f"{d}/slots/log.jsonl") for d in runs(out, name).values()]
+    for name, label in rows:
+        evals = [records(f"{d}/{folder}/log.jsonl") for d in runs(out, name).values()]
         evals = [e[-1] for e in evals if e]
         if not evals:
             continue
         cells = []
-        for k in range(1, 9):
+        for k in range(1, 17):  # K up to 16
             both = []
             for part in ("first", "rest"):
                 xs = [e[f"loss_slot{k}_{part}"] for e in evals if f"loss_slot{k}_{part}" in e]
@@ -147,12 +160,17 @@ def dirs_table(out):
     return lines
 
 
-def main(out):
-    for title, table in (("Accuracy", accuracy_table), ("AR test loss by image slot", slot_table),
-                         ("Images per sequence", k_table),
-                         ("Scan directions (held-out)", dirs_table)):
+def print_tables(out, tables):
+    """Print every (title, function of OUT giving a table's lines) of tables as a section."""
+    for title, table in tables:
         print(f"\n### {title}\n")
         print("\n".join(table(out)))
+
+
+def main(out):
+    print_tables(out, (("Accuracy", accuracy_table), ("AR test loss by image slot", slot_table),
+                       ("Images per sequence", k_table),
+                       ("Scan directions (held-out)", dirs_table)))
 
 
 if __name__ == "__main__":

@@ -58,10 +58,19 @@ def copy(pretrained, tmp_path):
     (["--separator", "bar"], "separator"),
     (["--mode", "pretrain", "--num_test", "1"], "--num_test"),  # fewer test images than K=2
     (["--labeled", "8"], "--labeled 8"),  # mode all: before the pretraining, not after it
+    (["--mode", "eval", "--distractor", "fog"], "--distractor"),
 ])
 def test_bad_flags(tmp_path, capsys, argv, culprit):
     assert culprit in refused(capsys, tmp_path / "r", *argv)
     assert nothing_written(tmp_path / "r")
+
+
+def test_distractors_need_two_images_per_sequence_or_more(tmp_path, capsys):
+    run(tmp_path / "arm", "--mode", "pretrain", "--pretrain_epochs", "1", "--preset", "tiny",
+        "--images_per_seq", "1", "--separator", "none")
+    line = refused(capsys, tmp_path / "e", "--mode", "eval", "--distractor", "noise",
+                   "--init", str(tmp_path / "arm" / "pretrain.pt"))
+    assert "needs a pretraining checkpoint of K >= 2" in line and "K=1" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -334,6 +334,34 @@ def test_four_way_classifier_sees_both_directions():
         assert (not torch.allclose(tokens(x), tokens(y), rtol=0, atol=1e-12)) == should_change
 
 
+def test_without_encoder_positions_a_patch_embeds_the_same_anywhere():
+    torch.manual_seed(0)
+    same = torch.ones(1, tiny().num_patches, tiny().patch_dim)  # one patch, everywhere
+    for enc_pos in (True, False):
+        model = star.StarPretrain(tiny(enc_pos=enc_pos))
+        tokens = model.encoder.embed(same)[0]  # (N, width)
+        assert torch.allclose(tokens, tokens[:1].expand_as(tokens)) == (not enc_pos)
+        # the decoder's queries keep their positions either way: one per target cluster's patch
+        assert len(torch.unique(model.dec_pos[:model.cfg.num_patches], dim=0)) > 1
+
+
+def test_classifier_in_cluster_order_reads_tokens_as_pretraining_did():
+    # one causal direction in the pretraining's order: the same features token by token
+    torch.manual_seed(0)
+    cfg = tiny(images_per_seq=1, separator="none", scan_dirs=1)
+    pre = star.StarPretrain(cfg).double().eval()
+    x = images(cfg, 2)
+    seq = pre.encoder.embed(star.patchify(x, cfg.patch))[:, pre.order]  # (b, N, width)
+    want = pre.encoder(seq)[-1]  # (b, N, width) in cluster order
+    for scan_clusters in (True, False):
+        clf = star.StarClassifier(tiny(images_per_seq=1, separator="none", scan_dirs=1,
+                                       scan_clusters=scan_clusters)).double().eval()
+        clf.load_pretrained(pre.state_dict())
+        tokens = clf.encoder.embed(star.patchify(x, cfg.patch))  # (b, N, width) raster
+        got = clf.encoder(tokens, orders=(clf.perm, clf.inverse))[-1][:, pre.order]
+        assert torch.allclose(got, want, atol=1e-10) == scan_clusters
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(img_size=30), "img_size must be divisible by patch"),
     (dict(cluster=3), "must be divisible by cluster"),

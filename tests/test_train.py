@@ -370,6 +370,30 @@ def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, t
     assert "AR test loss by image slot" in capsys.readouterr().out
 
 
+def test_distractors_replace_slots_1_3_and_change_the_loss_of_what_follows(default_run, tmp_path,
+                                                                           capsys):
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    for kind in ("noise", "shapes"):
+        y = train.with_distractors(x, 4, kind)
+        assert (y != x).flatten(1).any(1).tolist() == [True, False, True, False] * 2
+    out, _ = default_run
+    plain = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "pretrain.pt"))
+    hit = run(tmp_path / "d", "--mode", "eval", "--init", str(out / "pretrain.pt"),
+              "--distractor", "shapes")
+    # the same sequences: the plain metrics come out unchanged, next to slot 2's after a distractor
+    assert {k: v for k, v in hit.items() if not k.endswith("_shapes")} == plain
+    assert sorted(k for k in hit if k.endswith("_shapes")) == ["loss_slot2_first_shapes",
+                                                               "loss_slot2_rest_shapes"]
+    assert hit["loss_slot2_first_shapes"] != plain["loss_slot2_first"]
+    assert "real predecessor -> distractor" in capsys.readouterr().out
+    assert records(tmp_path / "d")[-1] == hit
+
+
+def test_model_flags_take_true_or_false():
+    argv = ["--enc_pos", "false", "--scan_clusters", "true"]
+    assert train.parse_args(argv).overrides == {"enc_pos": False, "scan_clusters": True}
+
+
 def test_pretraining_clips_the_gradient_norm_and_finetuning_does_not(tmp_path, monkeypatch):
     clip = torch.nn.utils.clip_grad_norm_
     calls = []
@@ -466,6 +490,45 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
                           weights_only=False)["config"] for row in ("arm", "concat", "star")]
     assert [(c["images_per_seq"], c["separator"]) for c in configs] == [
         (1, "none"), (4, "none"), (4, "cluster")]
+
+
+def test_separator_study_runs_every_step_and_tabulates_them(tmp_path):
+    """tests/separator_study.sh at a tiny size, two of its rows (every step of a row without
+    encoder positions, K=16), then tests/study_table.py over what it wrote."""
+    data = tmp_path / "c10"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):  # 200 images: train.py holds out 20, at least one sequence of K=16
+        write_npz(data / f"train_{i}.npz", rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+                  np.arange(40) % 4)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0",
+           "ROWS": "star_nopos concat16", "PRE": "1", "FT": "1", "PROBE_EPOCHS": "1",
+           "EXTRA": "--preset tiny --batch_size 16"}
+    out = tmp_path / "study"
+    done = subprocess.run(["bash", "tests/separator_study.sh", str(out), str(data), "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
+    assert sorted(p.name for p in out.glob("*.log")) == ["concat16_s0.log", "star_nopos_s0.log"]
+    star_dir = out / "star_nopos_s0"
+    assert {r["phase"] for r in records(star_dir) if "phase" in r} == {"pretrain", "finetune"}
+    for sub, phase in (("noise", "eval"), ("shapes", "eval"), ("probe_raster", "probe"),
+                       ("probe_cluster", "probe")):
+        assert records(star_dir / sub)[-2 if phase == "probe" else -1].get("phase") == phase
+    assert records(out / "concat16_s0" / "noise")[-1]["loss_slot16_rest_noise"] > 0
+    assert not (out / "concat16_s0" / "shapes").exists()
+
+    def config(path):
+        return torch.load(path, weights_only=False)["config"]
+    assert config(star_dir / "pretrain.pt")["enc_pos"] is False
+    assert config(star_dir / "probe_cluster" / "probe.pt")["scan_clusters"] is True
+    assert config(star_dir / "probe_raster" / "probe.pt")["scan_clusters"] is False
+    assert config(out / "concat16_s0" / "pretrain.pt")["images_per_seq"] == 16
+    table = subprocess.run([sys.executable, "tests/study_table.py", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120).stdout
+    for row in ("| STAR, no positions | 1 | 1: ", "| concatenation K=16 | 1 | 1: - /",
+                "| STAR, no positions | shapes | 1 |", "| concatenation K=16 | noise | 1 |",
+                "| STAR, no positions | 1 | ", "Finetuned, held-out accuracy"):
+        assert row in table, table
 
 
 def test_paired_interval_is_students_t():
