@@ -293,7 +293,7 @@ def test_grayscale_24px_trains(tmp_path):
     out = tmp_path / "run"
     summary = train.main(["--out", str(out), "--data", f"npz:{tmp_path}/gray.npz", "--patch", "4",
                           "--batch_size", "16", "--pretrain_epochs", "1", "--finetune_epochs", "1",
-                          "--compare_scratch", "false", "--progress", "false"])
+                          "--compare_scratch", "false", "--progress", "false", "--compile", "off"])
     assert np.isfinite(summary["ar_loss_after"]) and "finetune_acc" in summary
     cfg = torch.load(out / "finetune.pt", weights_only=False)["config"]
     assert (cfg["in_chans"], cfg["img_size"], cfg["num_classes"]) == (1, 24, 10)
@@ -465,7 +465,7 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
         write_npz(data / f"{name}.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
                   np.arange(16) % 4)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0 1",
-           "PRE": "1", "FT": "1", "EXTRA": "--preset tiny --batch_size 16"}
+           "PRE": "1", "FT": "1", "EXTRA": "--preset tiny --batch_size 16 --compile off"}
     done = subprocess.run(["bash", "tests/evidence.sh", str(tmp_path / "ev"), str(data), "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
@@ -503,7 +503,7 @@ def test_separator_study_runs_every_step_and_tabulates_them(tmp_path):
                   np.arange(40) % 4)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0",
            "ROWS": "star_nopos concat16", "PRE": "1", "FT": "1", "PROBE_EPOCHS": "1",
-           "EXTRA": "--preset tiny --batch_size 16"}
+           "EXTRA": "--preset tiny --batch_size 16 --compile off"}
     out = tmp_path / "study"
     done = subprocess.run(["bash", "tests/separator_study.sh", str(out), str(data), "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
