@@ -400,8 +400,19 @@ def load_cifar(name, root, env):
     return train, test, sets[0].classes
 
 
+def shuffled(split):
+    """A split [x, y] in a random order, the same in every run."""
+    perm = torch.randperm(len(split[0]), generator=torch.Generator().manual_seed(0))
+    return [t[perm] for t in split]
+
+
 def read_splits(args, env):
-    """The train and test split of --data (or --test_data), each (x uint8, y), and the classes."""
+    """The train and test split of --data (or --test_data), each (x uint8, y), and the classes.
+
+    Folders and npz files come sorted by class (or as their writer left them), so they are shuffled
+    once: the first --num_train, --num_test or --labeled images are then a sample of every class.
+    Synthetic and CIFAR images come in random order already.
+    """
     spec = args.data
     classes = None
     test = None
@@ -416,20 +427,20 @@ def read_splits(args, env):
         sub = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
         train_root = os.path.join(root, "train") if "train" in sub else root
         *train, classes = read_folder(train_root, args.img_size)
+        train = shuffled(train)
         if "train" in sub and len(sub) > 1 and not args.test_data:
-            test = read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2]
+            test = shuffled(read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2])
     else:  # npz:GLOB (check_args refused the rest)
-        train = read_npz(spec[4:])
+        train = shuffled(read_npz(spec[4:]))
     if args.test_data.startswith("npz:"):
-        test = read_npz(args.test_data[4:])
+        test = shuffled(read_npz(args.test_data[4:]))
     elif args.test_data:
-        test = read_folder(args.test_data[7:], args.img_size, classes)[:2]
-    elif test is None:  # hold out a tenth for testing, the same images every time
-        perm = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(0))
-        n = max(1, len(perm) // 10)
-        log.info(f"no test split given: holding out {n} of {len(perm)} images for testing")
-        test = [t[perm[:n]] for t in train]
-        train = [t[perm[n:]] for t in train]
+        test = shuffled(read_folder(args.test_data[7:], args.img_size, classes)[:2])
+    elif test is None:  # hold out a tenth of the shuffled images for testing, the same every time
+        n = max(1, len(train[0]) // 10)
+        log.info(f"no test split given: holding out {n} of {len(train[0])} images for testing")
+        test = [t[:n] for t in train]
+        train = [t[n:] for t in train]
     return train, test, classes
 
 
@@ -1000,7 +1011,7 @@ def run(args, env):
         return evaluate_checkpoint(data, args, env)
     cfg = model_config(args, data)
     # semi-supervised: pretraining reads every training image without its label, finetuning the
-    # first --labeled ones (the data's order is random already); mean and std stay those of all
+    # first --labeled ones (a random sample: read_splits); mean and std stay those of all
     labeled = SimpleNamespace(**vars(data))
     labeled.x = data.x[:args.labeled or None]
     labeled.y = data.y[:args.labeled or None]
