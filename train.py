@@ -312,8 +312,15 @@ def resize(x, size):
     return TF.resize(x, [size, size], antialias=True)
 
 
+def shuffled(x, y):
+    """x and y in a random order, the same every run. Folders list their images class by class, npz
+    files may too: shuffled, the first --num_train, --num_test or --labeled sample every class."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm], y[perm]
+
+
 def read_npz(pattern):
-    """x (n, C, H, W) uint8 and y (n,) int64 from every .npz file that pattern matches."""
+    """x (n, C, H, W) uint8 and y (n,) int64 from every .npz file that pattern matches, shuffled."""
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
         raise UserError(f"npz:{pattern} matches no files")
@@ -343,12 +350,12 @@ def read_npz(pattern):
     if len({t.shape[1:] for t in xs}) > 1:
         raise UserError(f"the files of npz:{pattern} hold images of different shapes: "
                         f"{sorted({tuple(t.shape[1:]) for t in xs})}")
-    return torch.cat(xs), torch.cat(ys)
+    return shuffled(torch.cat(xs), torch.cat(ys))
 
 
 def read_folder(root, size=0, classes=None):
-    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, class names. One channel
-    if every image is grayscale; each cropped to a centre square and resized if size is given."""
+    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, classes; shuffled. One
+    channel if all images are grayscale; each cut to a centre square and resized if size is given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
@@ -377,7 +384,7 @@ def read_folder(root, size=0, classes=None):
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, H, W)
     if gray:
         x = x[:, :1].clone()  # (n, 1, H, W)
-    return x, torch.tensor(folder.targets), folder.classes
+    return *shuffled(x, torch.tensor(folder.targets)), folder.classes
 
 
 def load_cifar(name, root, env):
@@ -400,19 +407,8 @@ def load_cifar(name, root, env):
     return train, test, sets[0].classes
 
 
-def shuffled(split):
-    """A split [x, y] in a random order, the same in every run."""
-    perm = torch.randperm(len(split[0]), generator=torch.Generator().manual_seed(0))
-    return [t[perm] for t in split]
-
-
 def read_splits(args, env):
-    """The train and test split of --data (or --test_data), each (x uint8, y), and the classes.
-
-    Folders and npz files come sorted by class (or as their writer left them), so they are shuffled
-    once: the first --num_train, --num_test or --labeled images are then a sample of every class.
-    Synthetic and CIFAR images come in random order already.
-    """
+    """The train and test split of --data (or --test_data), each (x uint8, y), and the classes."""
     spec = args.data
     classes = None
     test = None
@@ -427,16 +423,15 @@ def read_splits(args, env):
         sub = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
         train_root = os.path.join(root, "train") if "train" in sub else root
         *train, classes = read_folder(train_root, args.img_size)
-        train = shuffled(train)
         if "train" in sub and len(sub) > 1 and not args.test_data:
-            test = shuffled(read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2])
+            test = read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2]
     else:  # npz:GLOB (check_args refused the rest)
-        train = shuffled(read_npz(spec[4:]))
+        train = read_npz(spec[4:])
     if args.test_data.startswith("npz:"):
-        test = shuffled(read_npz(args.test_data[4:]))
+        test = read_npz(args.test_data[4:])
     elif args.test_data:
-        test = shuffled(read_folder(args.test_data[7:], args.img_size, classes)[:2])
-    elif test is None:  # hold out a tenth of the shuffled images for testing, the same every time
+        test = read_folder(args.test_data[7:], args.img_size, classes)[:2]
+    elif test is None:  # hold out a tenth of the (shuffled) images for testing, the same each time
         n = max(1, len(train[0]) // 10)
         log.info(f"no test split given: holding out {n} of {len(train[0])} images for testing")
         test = [t[:n] for t in train]
