@@ -355,7 +355,7 @@ def read_npz(pattern):
 
 def read_folder(root, size=0, classes=None):
     """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, classes; shuffled. One
-    channel if all images are grayscale; each cut to a centre square and resized if size is given."""
+    channel if all images are grayscale; each cut to a centre square, resized if size is given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
