@@ -709,12 +709,6 @@ def train_phase(name, model, data, args, env):
     env.phase = name
     pre = name == "pretrain"  # else a classifier: finetune, scratch or probe
     B = args.batch_size
-    unit = model.cfg.images_per_seq if pre else 1
-    if B % (env.world * unit):
-        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
-                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
-    if len(data.x) < B:
-        raise UserError(f"the training set has {len(data.x)} images, fewer than --batch_size {B}")
     steps = len(data.x) // B  # the last incomplete batch is dropped
     epochs = args.pretrain_epochs if pre else args.finetune_epochs
     warmup = args.warmup_epochs if pre else args.ft_warmup_epochs
@@ -751,6 +745,18 @@ def train_phase(name, model, data, args, env):
         history.append(log_line(rec, args, env))
         save_checkpoint(phase, epoch + 1, history, data, args, env)
     return history
+
+
+def check_batch(name, n, cfg, args, env):
+    """Refuse a --batch_size that a phase's n training images or the processes cannot split."""
+    B = args.batch_size
+    unit = cfg.images_per_seq if name == "pretrain" else 1
+    if B % (env.world * unit):
+        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
+                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
+    if n < B:
+        fewer = " (--labeled)" if name != "pretrain" and args.labeled else ""
+        raise UserError(f"{name} would train on {n} images{fewer}, fewer than --batch_size {B}")
 
 
 def train_epoch(phase, model, epoch, data, args, env):
@@ -1010,6 +1016,8 @@ def run(args, env):
     labeled = SimpleNamespace(**vars(data))
     labeled.x = data.x[:args.labeled or None]
     labeled.y = data.y[:args.labeled or None]
+    for name in phases:  # before any training: a finetuning refused after pretraining wastes it
+        check_batch(name, len((data if name == "pretrain" else labeled).x), cfg, args, env)
     h = {}
     for name in phases:
         model = make_model(name, cfg, args, env)

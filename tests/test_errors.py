@@ -56,6 +56,9 @@ def copy(pretrained, tmp_path):
     (["--preset", "huge"], "--preset"),
     (["--separator", "bar"], "separator"),
     (["--mode", "pretrain", "--num_test", "1"], "--num_test"),  # fewer test images than K=2
+    (["--batch_size", "17"], "--batch_size"),  # not whole sequences of K=2
+    (["--batch_size", "128"], "--batch_size 128"),  # more than the 96 training images
+    (["--labeled", "8"], "--labeled"),  # finetuning's 8 images: refused before pretraining
 ])
 def test_bad_flags(tmp_path, capsys, argv, culprit):
     assert culprit in refused(capsys, tmp_path / "r", *argv)
