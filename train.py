@@ -972,8 +972,9 @@ def key_heads(keys):
 
 
 def evaluate_checkpoint(data, args, env):
-    """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
+    """Mode eval: the model is the checkpoint's (model flags must agree); the data must fit it."""
     ckpt = load_checkpoint(args.init)
+    check_config(ckpt["config"], SimpleNamespace(**args.overrides), args.overrides, args.init)
     cfg = star.StarConfig(**ckpt["config"])
     c, h, w = data.x.shape[1:]
     fits = (c, h, w) == (cfg.in_chans, cfg.img_size, cfg.img_size)

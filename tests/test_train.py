@@ -343,8 +343,12 @@ def test_existing_run_is_not_overwritten(default_run, capsys):
 
 def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path, capsys):
     out, summary = default_run
-    result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "finetune.pt"))
+    result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "finetune.pt"),
+                 "--scan_dirs", "1")  # model flags the checkpoint was made with are welcome
     assert result["test_acc"] == summary["finetune_acc"]  # same test images, same normalisation
+    line = refused(capsys, tmp_path / "e3", "--mode", "eval", "--init", str(out / "pretrain.pt"),
+                   "--images_per_seq", "4")  # others would be ignored: refused
+    assert "images_per_seq=2 there, 4 here" in line
     write_npz(tmp_path / "g.npz", np.zeros((40, 24, 24), np.uint8), np.zeros(40, np.int64))
     line = refused(capsys, tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"),
                    "--data", f"npz:{tmp_path}/g.npz")
