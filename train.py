@@ -978,12 +978,12 @@ def evaluate_checkpoint(data, args, env):
     cfg = star.StarConfig(**ckpt["config"])
     c, h, w = data.x.shape[1:]
     fits = (c, h, w) == (cfg.in_chans, cfg.img_size, cfg.img_size)
-    if not fits or cfg.num_classes < data.num_classes:
+    pretrained = ckpt["phase"] == "pretrain"  # its loss reads no labels: any number of classes
+    if not fits or cfg.num_classes < data.num_classes and not pretrained:
         raise UserError(f"{data.name} ({c} x {h} x {w} images, {data.num_classes} classes) does "
                         f"not fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x "
                         f"{cfg.img_size}, {cfg.num_classes} classes); --img_size {cfg.img_size} "
                         f"resizes the images")
-    pretrained = ckpt["phase"] == "pretrain"
     model = (star.StarPretrain if pretrained else star.StarClassifier)(cfg).to(env.device)
     weights = ckpt["model"]
     if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them

@@ -353,6 +353,10 @@ def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path, capsy
     line = refused(capsys, tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"),
                    "--data", f"npz:{tmp_path}/g.npz")
     assert "does not fit" in line
+    x = train.synthetic_shapes(44)[0].permute(0, 2, 3, 1).numpy()
+    write_npz(tmp_path / "c11.npz", x, np.arange(44) % 11)  # 11 classes; pretraining saw 10
+    run(tmp_path / "e4", "--mode", "eval", "--init", str(out / "pretrain.pt"), "--data",
+        f"npz:{tmp_path}/c11.npz")  # the AR loss reads no labels
 
 
 def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, tmp_path, capsys):
