@@ -333,8 +333,15 @@ def resize(x, size):
     return TF.resize(x, [size, size], antialias=True)
 
 
+def shuffled(x, y):
+    """x and y in a random order, the same every run. Folders list their images class by class, npz
+    files may too: shuffled, the first --num_train, --num_test or --labeled sample every class."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm], y[perm]
+
+
 def read_npz(pattern):
-    """x (n, C, H, W) uint8 and y (n,) int64 from every .npz file that pattern matches."""
+    """x (n, C, H, W) uint8 and y (n,) int64 from every .npz file that pattern matches, shuffled."""
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
         raise UserError(f"npz:{pattern} matches no files")
@@ -364,12 +371,12 @@ def read_npz(pattern):
     if len({t.shape[1:] for t in xs}) > 1:
         raise UserError(f"the files of npz:{pattern} hold images of different shapes: "
                         f"{sorted({tuple(t.shape[1:]) for t in xs})}")
-    return torch.cat(xs), torch.cat(ys)
+    return shuffled(torch.cat(xs), torch.cat(ys))
 
 
 def read_folder(root, size=0, classes=None):
-    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, class names. One channel
-    if every image is grayscale; each cropped to a centre square and resized if size is given."""
+    """ImageFolder layout (root/CLASS/IMAGE): x (n, C, H, W) uint8, labels, classes; shuffled. One
+    channel if all images are grayscale; each cut to a centre square, resized if size is given."""
     from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
@@ -398,7 +405,7 @@ def read_folder(root, size=0, classes=None):
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, H, W)
     if gray:
         x = x[:, :1].clone()  # (n, 1, H, W)
-    return x, torch.tensor(folder.targets), folder.classes
+    return *shuffled(x, torch.tensor(folder.targets)), folder.classes
 
 
 def load_cifar(name, root, env):
@@ -445,12 +452,11 @@ def read_splits(args, env):
         test = read_npz(args.test_data[4:])
     elif args.test_data:
         test = read_folder(args.test_data[7:], args.img_size, classes)[:2]
-    elif test is None:  # hold out a tenth for testing, the same images every time
-        perm = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(0))
-        n = max(1, len(perm) // 10)
-        log.info(f"no test split given: holding out {n} of {len(perm)} images for testing")
-        test = [t[perm[:n]] for t in train]
-        train = [t[perm[n:]] for t in train]
+    elif test is None:  # hold out a tenth of the (shuffled) images for testing, the same each time
+        n = max(1, len(train[0]) // 10)
+        log.info(f"no test split given: holding out {n} of {len(train[0])} images for testing")
+        test = [t[:n] for t in train]
+        train = [t[n:] for t in train]
     return train, test, classes
 
 
@@ -764,12 +770,6 @@ def train_phase(name, model, data, args, env):
     env.phase = name
     pre = name == "pretrain"  # else a classifier: finetune, scratch or probe
     B = args.batch_size
-    unit = model.cfg.images_per_seq if pre else 1
-    if B % (env.world * unit):
-        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
-                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
-    if len(data.x) < B:
-        raise UserError(f"the training set has {len(data.x)} images, fewer than --batch_size {B}")
     steps = len(data.x) // B  # the last incomplete batch is dropped
     epochs = args.pretrain_epochs if pre else args.finetune_epochs
     warmup = args.warmup_epochs if pre else args.ft_warmup_epochs
@@ -815,6 +815,18 @@ def train_phase(name, model, data, args, env):
         history.append(log_line(rec, args, env))
         save_checkpoint(phase, epoch + 1, history, data, args, env)
     return history
+
+
+def check_batch(name, n, cfg, args, env):
+    """Refuse a --batch_size that a phase's n training images or the processes cannot split."""
+    B = args.batch_size
+    unit = cfg.images_per_seq if name == "pretrain" else 1
+    if B % (env.world * unit):
+        raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
+                        f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
+    if n < B:
+        fewer = " (--labeled)" if name != "pretrain" and args.labeled else ""
+        raise UserError(f"{name} would train on {n} images{fewer}, fewer than --batch_size {B}")
 
 
 def train_epoch(phase, model, epoch, data, args, env):
@@ -1031,17 +1043,18 @@ def key_heads(keys):
 
 
 def evaluate_checkpoint(data, args, env):
-    """Mode eval: the model is built from the checkpoint's config; the data must fit it."""
+    """Mode eval: the model is the checkpoint's (model flags must agree); the data must fit it."""
     ckpt = load_checkpoint(args.init)
+    check_config(ckpt["config"], SimpleNamespace(**args.overrides), args.overrides, args.init)
     cfg = star.StarConfig(**ckpt["config"])
     c, h, w = data.x.shape[1:]
     fits = (c, h, w) == (cfg.in_chans, cfg.img_size, cfg.img_size)
-    if not fits or cfg.num_classes < data.num_classes:
+    pretrained = ckpt["phase"] == "pretrain"  # its loss reads no labels: any number of classes
+    if not fits or cfg.num_classes < data.num_classes and not pretrained:
         raise UserError(f"{data.name} ({c} x {h} x {w} images, {data.num_classes} classes) does "
                         f"not fit the model of {args.init} ({cfg.in_chans} x {cfg.img_size} x "
                         f"{cfg.img_size}, {cfg.num_classes} classes); --img_size {cfg.img_size} "
                         f"resizes the images")
-    pretrained = ckpt["phase"] == "pretrain"
     if args.distractor != "none" and (not pretrained or cfg.images_per_seq < 2):
         raise UserError(f"--distractor needs a pretraining checkpoint of K >= 2 images per "
                         f"sequence; {args.init} is a {ckpt['phase']} one of K={cfg.images_per_seq}")
@@ -1078,10 +1091,12 @@ def run(args, env):
         return evaluate_checkpoint(data, args, env)
     cfg = model_config(args, data)
     # semi-supervised: pretraining reads every training image without its label, finetuning the
-    # first --labeled ones (the data's order is random already); mean and std stay those of all
+    # first --labeled ones (a random sample: read_splits); mean and std stay those of all
     labeled = SimpleNamespace(**vars(data))
     labeled.x = data.x[:args.labeled or None]
     labeled.y = data.y[:args.labeled or None]
+    for name in phases:  # before any training: a finetuning refused after pretraining wastes it
+        check_batch(name, len((data if name == "pretrain" else labeled).x), cfg, args, env)
     h = {}
     for name in phases:
         model = make_model(name, cfg, args, env)

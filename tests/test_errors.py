@@ -59,6 +59,8 @@ def copy(pretrained, tmp_path):
     (["--mode", "pretrain", "--num_test", "1"], "--num_test"),  # fewer test images than K=2
     (["--labeled", "8"], "--labeled 8"),  # mode all: before the pretraining, not after it
     (["--mode", "eval", "--distractor", "fog"], "--distractor"),
+    (["--batch_size", "17"], "--batch_size"),  # not whole sequences of K=2
+    (["--batch_size", "128"], "--batch_size 128"),  # more than the 96 training images
 ])
 def test_bad_flags(tmp_path, capsys, argv, culprit):
     assert culprit in refused(capsys, tmp_path / "r", *argv)

@@ -224,6 +224,11 @@ def write_npz(path, x, y):
     np.savez(path, x=x, y=y)
 
 
+def pairs(x, y):
+    """The (image bytes, label) pairs of a split, sorted: equal for the same pairs in any order."""
+    return sorted(zip((bytes(a.flatten().tolist()) for a in x), (int(c) for c in y)))
+
+
 def test_npz_loader(tmp_path):
     rng = np.random.default_rng(0)
     xs = [rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
@@ -235,8 +240,8 @@ def test_npz_loader(tmp_path):
                              "--test_data", f"npz:{tmp_path}/test.npz"])
     data = train.load_data(args, CPU)
     x = np.concatenate(xs[:2])
-    assert torch.equal(data.x, torch.from_numpy(x).permute(0, 3, 1, 2))
-    assert torch.equal(data.y, torch.from_numpy(np.concatenate(ys[:2])))
+    y = np.concatenate(ys[:2])
+    assert pairs(data.x, data.y) == pairs(torch.from_numpy(x).permute(0, 3, 1, 2), y)
     assert data.x_test.shape == (10, 3, 16, 16)
     assert torch.allclose(data.mean.flatten(),
                           torch.tensor(x.reshape(-1, 3).mean(0) / 255, dtype=torch.float32))
@@ -270,8 +275,9 @@ def test_folder_loader(tmp_path):
     data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}"]), CPU)
     assert (data.x.shape == (6, 3, 16, 16) and data.x_test.shape == (4, 3, 16, 16)
             and data.num_classes == 2)
-    assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.equal(data.x[4], torch.from_numpy(px[("dog", 1)]).permute(2, 0, 1))
+    want = [(torch.from_numpy(a).permute(2, 0, 1), ["cat", "dog"].index(c))
+            for (c, _), a in px.items()]
+    assert pairs(data.x, data.y) == pairs(*zip(*want))  # each image with its label, in any order
     # one folder, grayscale: split 90/10 deterministically, one channel
     write_folder(tmp_path / "gray", ["a", "b"], 5, 12, mode="L")
     data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}/gray"]), CPU)
@@ -285,6 +291,23 @@ def test_folder_loader(tmp_path):
     data = train.load_data(train.parse_args(["--data", f"folder:{tmp_path}/mixed", "--test_data",
                                              f"folder:{tmp_path}/mixed", "--img_size", "8"]), CPU)
     assert data.x.shape == (2, 3, 8, 8)
+
+
+def test_first_n_of_sorted_folders_and_npz_files_sample_every_class(tmp_path):
+    """--num_train, --num_test and --labeled take the first N images: of a shuffled split, not of
+    the class-sorted order an ImageFolder (or an npz file written class by class) comes in."""
+    classes = ["a", "b", "c", "d"]
+    write_folder(tmp_path / "train", classes, 10, 8)
+    write_folder(tmp_path / "val", classes, 5, 8, seed=1)
+    args = train.parse_args(["--data", f"folder:{tmp_path}", "--num_train", "8", "--num_test", "4"])
+    data = train.load_data(args, CPU)  # all classes among the first 8, or it refuses
+    assert len(set(data.y_test.tolist())) > 1
+    x = np.zeros((40, 8, 8), np.uint8)
+    y = np.repeat(np.arange(4), 10)  # sorted by class
+    write_npz(tmp_path / "sorted.npz", x, y)
+    data = train.load_data(train.parse_args(["--data", f"npz:{tmp_path}/sorted.npz"]), CPU)
+    assert len(set(data.y[:8].tolist())) >= 3  # what --labeled 8 finetunes on
+    assert len(set(data.y_test.tolist())) > 1  # the tenth held out
 
 
 def test_grayscale_24px_trains(tmp_path):
@@ -344,12 +367,20 @@ def test_existing_run_is_not_overwritten(default_run, capsys):
 
 def test_eval_checkpoint_and_data_that_does_not_fit(default_run, tmp_path, capsys):
     out, summary = default_run
-    result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "finetune.pt"))
+    result = run(tmp_path / "e", "--mode", "eval", "--init", str(out / "finetune.pt"),
+                 "--scan_dirs", "1")  # model flags the checkpoint was made with are welcome
     assert result["test_acc"] == summary["finetune_acc"]  # same test images, same normalisation
+    line = refused(capsys, tmp_path / "e3", "--mode", "eval", "--init", str(out / "pretrain.pt"),
+                   "--images_per_seq", "4")  # others would be ignored: refused
+    assert "images_per_seq=2 there, 4 here" in line
     write_npz(tmp_path / "g.npz", np.zeros((40, 24, 24), np.uint8), np.zeros(40, np.int64))
     line = refused(capsys, tmp_path / "e2", "--mode", "eval", "--init", str(out / "pretrain.pt"),
                    "--data", f"npz:{tmp_path}/g.npz")
     assert "does not fit" in line
+    x = train.synthetic_shapes(44)[0].permute(0, 2, 3, 1).numpy()
+    write_npz(tmp_path / "c11.npz", x, np.arange(44) % 11)  # 11 classes; pretraining saw 10
+    run(tmp_path / "e4", "--mode", "eval", "--init", str(out / "pretrain.pt"), "--data",
+        f"npz:{tmp_path}/c11.npz")  # the AR loss reads no labels
 
 
 def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, tmp_path, capsys):
