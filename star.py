@@ -152,9 +152,9 @@ class _ScanCore(torch.autograd.Function):
     """y_t = C_t h_t and the last state, with a hand-written backward that recomputes the states.
 
     Autograd through the loop would keep a few (b, d, n) tensors per step. The forward builds
-    exp(ΔA) and h, both (b, l, d, n), but saves only its inputs, time-major: u, delta (b, d, l) with
-    Δ's bias and softplus applied, A (d, n), B, C (b, g, n, l), in the math dtype. The backward
-    rebuilds both and walks back in chunks of ceil(l/8) steps, holding dL/dh one chunk at a time.
+    exp(ΔA) and h, both (b, l, d, n), but saves only its inputs, time-major: u, delta (b, d, l)
+    with Δ's bias and softplus applied, A (d, n), B, C (b, g, n, l), in the math dtype. The
+    backward rebuilds both, walking back in chunks of ceil(l/8) steps: dL/dh is never whole.
     """
 
     @staticmethod
@@ -669,16 +669,15 @@ class VisionMamba(nn.Module):
     def __init__(self, cfg, dirs=1):
         super().__init__()
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.width)  # a stride-p conv, on patches
-        self.register_buffer("pos", sincos_2d(cfg.grid, cfg.width), persistent=False)  # (N, width)
-        self.enc_pos = cfg.enc_pos
+        pos = sincos_2d(cfg.grid, cfg.width) * cfg.enc_pos  # (N, width); zeros with enc_pos off
+        self.register_buffer("pos", pos, persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(MambaMLPBlock(cfg, dirs, r) for r in rates)
 
     def embed(self, patches):
         """(b, N, p*p*C) raster order -> (b, N, width), with the same positions in every image
-        (none with enc_pos off: then only the scan's order tells where a patch is)."""
-        tokens = self.patch_embed(patches)  # (b, N, width)
-        return tokens + self.pos if self.enc_pos else tokens
+        (zeros with enc_pos off: then only the scan's order tells where a patch is)."""
+        return self.patch_embed(patches) + self.pos
 
     def forward(self, x, taps_at=(), orders=None):
         """x (b, l, width) -> list of (b, l, width): one per index in taps_at, or the last."""
