@@ -209,9 +209,6 @@ def check_args(args):
     if args.mode == "all" and args.pretrain_epochs == 0:
         raise UserError("--mode all needs --pretrain_epochs 1 or more "
                         "(to finetune from scratch only: --mode finetune)")
-    if args.mode in ("all", "finetune", "probe") and 0 < args.labeled < args.batch_size:
-        raise UserError(f"--labeled {args.labeled} must be at least --batch_size {args.batch_size}"
-                        f" (or 0: all the training images): finetuning takes whole batches")
     if os.environ.get("STAR_SCAN", "auto") not in SCANS:
         raise UserError(f"STAR_SCAN must be one of {', '.join(SCANS)}; got "
                         f"{os.environ['STAR_SCAN']!r}")
@@ -825,7 +822,7 @@ def check_batch(name, n, cfg, args, env):
         raise UserError(f"--batch_size {B} must split into {env.world} equal shares of whole "
                         f"sequences of {unit} image(s): use a multiple of {env.world * unit}")
     if n < B:
-        fewer = " (--labeled)" if name != "pretrain" and args.labeled else ""
+        fewer = f" (--labeled {args.labeled})" if name != "pretrain" and args.labeled else ""
         raise UserError(f"{name} would train on {n} images{fewer}, fewer than --batch_size {B}")
 
 
