@@ -501,6 +501,47 @@ class StarConfig:
         return self.images_per_seq * (self.sep_len + self.num_patches)
 
 
+def causal_conv(x, weight, bias):
+    """Depthwise causal conv over the last axis: x (..., d, l), weight (..., d, k), bias (..., d).
+
+    out_t = bias + sum_i weight_i * x_{t-k+1+i}, zeros before the first token: k shifted
+    multiply-adds, which torch.compile fuses into one kernel (cuDNN's depthwise conv1d is slow).
+    """
+    k = weight.shape[-1]
+    l = x.shape[-1]
+    x = F.pad(x, (k - 1, 0))  # (..., d, l + k - 1)
+    out = bias[..., None] + weight[..., :1] * x[..., :l]  # (..., d, l)
+    for i in range(1, k):
+        out = out + weight[..., i:i + 1] * x[..., i:i + l]
+    return out
+
+
+class _Reorder(torch.autograd.Function):
+    """x (b, dirs or 1, d, l) -> (b, dirs, d, l), direction k's tokens in order perm[k]:
+    out[:, k, :, t] = x[:, k, :, perm[k, t]]. perm is a permutation, so the backward gathers with
+    its inverse (no scatter-add); an x shared by the directions gets the sum of their gradients."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        ctx.shared = x.shape[1] == 1
+        return _gather_tokens(x, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = _gather_tokens(grad, inverse)  # (b, dirs, d, l)
+        return grad.sum(1, keepdim=True) if ctx.shared else grad, None, None
+
+
+def _gather_tokens(x, order):
+    """x (b, dirs or 1, d, l), order (dirs, l) -> (b, dirs, d, l): x[:, k, :, order[k]]."""
+    b, _, d, _ = x.shape
+    dirs, l = order.shape
+    index = order[None, :, None, :].expand(b, dirs, d, l)
+    return x.expand(b, dirs, d, l).gather(3, index)
+
+
 class MambaMixer(nn.Module):
     """Mamba: in_proj to (x, z), a causal conv and a selective scan per direction, gate, out_proj.
 
@@ -544,24 +585,20 @@ class MambaMixer(nn.Module):
         b, l, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         d = x.shape[-1]
+        x = x.transpose(1, 2)[:, None]  # (b, 1, d, l)
         if orders is not None:
-            x = x[:, orders[0]]  # (b, dirs, l, d): each direction's token order
+            x = _Reorder.apply(x, *orders)  # (b, dirs, d, l): each direction's token order
         elif self.dirs > 1:
             raise ValueError(f"this mixer scans {self.dirs} directions: pass their token orders")
-        u = x.transpose(-1, -2).reshape(b, self.dirs * d, l)  # (b, dirs*d, l)
-        d_conv = self.conv_weight.shape[-1]
-        u = F.conv1d(u, self.conv_weight.view(-1, 1, d_conv), self.conv_bias.flatten(),
-                     padding=d_conv - 1, groups=self.dirs * d)  # (b, dirs*d, l + d_conv - 1)
-        u = F.silu(u[..., :l])  # (b, dirs*d, l): the right padding cut, so causal
-        proj = self.x_proj @ u.view(b, self.dirs, d, l)  # (b, dirs, r + 2n, l)
-        dt, B, C = proj.split(self.split, dim=2)  # B, C (b, dirs, n, l): one group per direction
+        u = F.silu(causal_conv(x, self.conv_weight, self.conv_bias))  # (b, dirs, d, l)
+        dt, B, C = (self.x_proj @ u).split(self.split, dim=2)  # B, C (b, dirs, n, l): a group each
         delta = (self.dt_proj_weight @ dt).flatten(1, 2)  # (b, dirs*d, l); bias added in the scan
         A = -torch.exp(self.A_log.float()).flatten(0, 1)  # (dirs*d, n)
-        y = selective_scan(u, delta, A, B, C, self.D.float().flatten(),
+        y = selective_scan(u.flatten(1, 2), delta, A, B, C, self.D.float().flatten(),
                            delta_bias=self.dt_proj_bias.float().flatten(), delta_softplus=True)
         y = y.view(b, self.dirs, d, l)  # (b, dirs, d, l)
         if orders is not None:
-            y = y.gather(3, orders[1][None, :, None, :].expand(b, -1, d, -1))  # back in token order
+            y = _Reorder.apply(y, orders[1], orders[0])  # (b, dirs, d, l): back in token order
         y = y.mean(1).transpose(1, 2)  # (b, l, d)
         return self.out_proj(y * F.silu(z))  # (b, l, width)
 
