@@ -8,6 +8,8 @@ or on the CPU: python tests/bench.py --cpu
 or whole pretraining steps against K:
     python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
     [--compile off,default,reduce-overhead]  (eager and torch.compile modes, each timed)
+    [--batches 1024,512]  (each of these batches; default: the largest of 1024, 512, ... that fits)
+    [--star DIR]  (time DIR/star.py instead, e.g. an older commit's worktree: before/after)
 Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak
 memory above the inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and
 the official kernel (--official).
@@ -158,14 +160,14 @@ def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
               f"fwd+bwd {1e3 * statistics.median(fwd_bwd):.1f} ms")
 
 
-def model_bench(presets, ks, backends, dirs, dtype, modes=("off",), steps=10):
+def model_bench(presets, ks, backends, dirs, dtype, modes=("off",), steps=10, batches=None):
     """Images/s and peak memory per image of whole training steps (forward, backward, AdamW):
     pretraining against K, then the finetuning classifier against its number of scan directions;
     each eager (mode off) and torch.compile'd in the other modes, with the warm-up's seconds (the
     three steps before timing: compiling, and in reduce-overhead mode recording CUDA graphs).
 
-    The batch is the largest of 1024, 512, ... images that fits (at least K); autocast to dtype on
-    a GPU.
+    The batch is each of batches, or the largest of 1024, 512, ... images that fits (at least K);
+    autocast to dtype on a GPU.
     """
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -185,19 +187,20 @@ def model_bench(presets, ks, backends, dirs, dtype, modes=("off",), steps=10):
             for backend, mode in [(b, m) for b in backends for m in modes]:
                 os.environ["STAR_SCAN"] = backend
                 row = f"| {preset} | {label} | {tokens} | {backend} | {mode} |"
-                for batch in [b for b in (1024, 512, 256, 128, 64, 32, 16, 8)
-                              if b >= unit and b % unit == 0]:
-                    try:
-                        rate, peak, warm = _time_steps(make(cfg), batch, device, steps, dtype,
-                                                       mode)
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                else:
-                    print(f"{row} - | out of memory | | |")
-                    continue
-                print(f"{row} {batch} | {rate:.0f} | {peak / batch:.2f} | {warm:.1f} |",
-                      flush=True)
+                fits = [b for b in (1024, 512, 256, 128, 64, 32, 16, 8) if b % unit == 0]
+                for tried in ([[b] for b in batches] if batches else [fits]):
+                    for batch in tried:  # the first that fits
+                        try:
+                            rate, peak, warm = _time_steps(make(cfg), batch, device, steps,
+                                                           dtype, mode)
+                            break
+                        except torch.cuda.OutOfMemoryError:
+                            torch.cuda.empty_cache()
+                    else:
+                        print(f"{row} {tried[-1]} | out of memory | | |")
+                        continue
+                    print(f"{row} {batch} | {rate:.0f} | {peak / batch:.2f} | {warm:.1f} |",
+                          flush=True)
     os.environ.pop("STAR_SCAN")
 
 
@@ -255,6 +258,9 @@ def main():
     parser.add_argument("--dirs", default="1,2,4", help="--model: the classifier's scan directions")
     parser.add_argument("--precision", default="bf16",
                         help="--model: autocast dtype (bf16, fp16, fp32)")
+    parser.add_argument("--batches", help="--model: time each of these batches, e.g. 1024,512")
+    parser.add_argument("--star", help="--model: time DIR/star.py (e.g. a worktree of an older "
+                                       "commit) instead of this folder's")
     parser.add_argument("--compile", default="off",
                         help="--model: time each step eager (off) and/or torch.compile'd in these "
                              "modes, e.g. off,default,reduce-overhead")
@@ -262,11 +268,18 @@ def main():
     if args.cpu:
         return cpu_bench()
     if args.model:
+        if args.star:  # star.py of another folder, for a before/after pair in one device call
+            global star
+            sys.path.insert(0, os.path.abspath(args.star))
+            del sys.modules["star"]
+            import star
+            print(f"star.py from {args.star}")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.precision]
         return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")],
                            args.backends.split(","), [int(s) for s in args.dirs.split(",")], dtype,
-                           args.compile.split(","))
+                           args.compile.split(","),
+                           batches=args.batches and [int(b) for b in args.batches.split(",")])
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     t = time.time()
     ext, why = _cuda_kernel()

@@ -166,8 +166,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, ph
         return crops(*a, **k)
 
     monkeypatch.setattr(train, "random_crops", interrupt_at_step_9)
-    with pytest.raises(SystemExit, match="interrupted"):
-        run(tmp_path / "b", *argv)
+    # Ctrl-C's default handler: a shell's background job (cmd &) starts with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit, match="interrupted"):
+            run(tmp_path / "b", *argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # the checkpoint holds the last finished epoch; --resume repeats the interrupted one
     ckpt = torch.load(tmp_path / "b" / f"{phase}.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 6)
