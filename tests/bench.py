@@ -276,8 +276,9 @@ def main():
             print(f"star.py from {args.star}")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.precision]
-        return model_bench(args.presets.split(","), [int(k) for k in args.ks.split(",")],
-                           args.backends.split(","), [int(s) for s in args.dirs.split(",")], dtype,
+        ks = [int(k) for k in args.ks.split(",") if k]  # "": no pretraining row
+        dirs = [int(s) for s in args.dirs.split(",") if s]  # "": no classifier row
+        return model_bench(args.presets.split(","), ks, args.backends.split(","), dirs, dtype,
                            args.compile.split(","),
                            batches=args.batches and [int(b) for b in args.batches.split(",")])
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"

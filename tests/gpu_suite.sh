@@ -7,11 +7,11 @@ set -uo pipefail
 out=${1:?usage: bash tests/gpu_suite.sh OUT [PROCESSES]}
 p=${2:-8}
 mkdir -p "$out"
+parts=$(mktemp -d)
 python -c "import star, torch; torch.cuda.is_available() and star._cuda_kernel()"  # build once
-python -m pytest -q --collect-only tests | grep "::" > "$out/tests.txt"
+python -m pytest -q --collect-only tests | grep "::" > "$parts/tests.txt"
 for i in $(seq 0 $((p - 1))); do
-    awk -v p="$p" -v i="$i" 'NR % p == i' "$out/tests.txt" > "$out/part_$i.txt"
-    mapfile -t ids < "$out/part_$i.txt"
+    mapfile -t ids < <(awk -v p="$p" -v i="$i" 'NR % p == i' "$parts/tests.txt")
     OMP_NUM_THREADS=2 python -m pytest -q "${ids[@]}" > "$out/suite_$i.log" 2>&1 &
 done
 wait
