@@ -513,7 +513,7 @@ def causal_conv(x, weight, bias):
     out = bias[..., None] + weight[..., :1] * x[..., :l]  # (..., d, l)
     for i in range(1, k):
         out = out + weight[..., i:i + 1] * x[..., i:i + l]
-    return out
+    return out.to(x.dtype)  # float32 sums; x's dtype out, as conv1d under autocast
 
 
 class _Reorder(torch.autograd.Function):
