@@ -186,6 +186,8 @@ def model_bench(presets, ks, backends, dirs, dtype, modes=("off",), steps=10, ba
             tokens = cfg.seq_len if make is star.StarPretrain else cfg.num_patches
             for backend, mode in [(b, m) for b in backends for m in modes]:
                 os.environ["STAR_SCAN"] = backend
+                if cuda and backend == "cuda":  # built in a trace, it would split the graph
+                    star._cuda_kernel()
                 row = f"| {preset} | {label} | {tokens} | {backend} | {mode} |"
                 fits = [b for b in (1024, 512, 256, 128, 64, 32, 16, 8) if b % unit == 0]
                 for tried in ([[b] for b in batches] if batches else [fits]):

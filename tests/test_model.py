@@ -392,3 +392,20 @@ def test_the_model_traces_into_one_graph(make, monkeypatch):
     cfg = tiny(scan_dirs=2)
     model = torch.compile(make(cfg), fullgraph=True, backend="eager")  # fullgraph: break = error
     model(images(cfg, 2 * cfg.images_per_seq).float())
+
+
+def test_causal_conv_compiled_form_equals_conv1d(monkeypatch):
+    """causal_conv's two forms: conv1d (eager) and the shifted multiply-adds torch.compile sees."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 10, dtype=torch.float64, requires_grad=True)  # (b, dirs, d, l)
+    w = torch.randn(4, 8, 4, dtype=torch.float64, requires_grad=True)  # (dirs, d, k)
+    bias = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    want = star.causal_conv(x, w, bias)
+    grads_want = torch.autograd.grad(want.square().sum(), [x, w, bias])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = star.causal_conv(x, w, bias)
+    torch.testing.assert_close(got, want)
+    for g, gw in zip(torch.autograd.grad(got.square().sum(), [x, w, bias]), grads_want):
+        torch.testing.assert_close(g, gw)
+    causal = star.causal_conv(torch.cat([x, x], dim=-1), w, bias)[..., :10]  # later tokens unseen
+    torch.testing.assert_close(causal, want)
