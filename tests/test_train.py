@@ -408,7 +408,9 @@ def test_eval_of_a_pretraining_checkpoint_splits_the_loss_by_slot(default_run, t
 
 def test_distractors_replace_slots_1_3_and_change_the_loss_of_what_follows(default_run, tmp_path,
                                                                            capsys):
-    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    # its own stream: the global one seeded 0 would draw the noise distractor's first image
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
     for kind in ("noise", "shapes"):
         y = train.with_distractors(x, 4, kind)
         assert (y != x).flatten(1).any(1).tolist() == [True, False, True, False] * 2
@@ -615,7 +617,10 @@ def test_compiled_run_saves_plain_weights_and_resume_compiles_again(tmp_path, mo
     def numbers(out):
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records(out)
                 if "phase" in r]
-    assert len(compiled) == 1 and numbers(tmp_path / "c") == numbers(tmp_path / "e")
+    # the numbers of the eager run, up to float rounding (star.causal_conv's compiled form)
+    assert len(compiled) == 1
+    for rc, re_ in zip(numbers(tmp_path / "c"), numbers(tmp_path / "e"), strict=True):
+        assert rc == pytest.approx(re_, rel=1e-5)
     for key in ("model", "optimizer"):
         saved = torch.load(tmp_path / "c" / "pretrain.pt", weights_only=False)[key]
         assert "_orig_mod" not in str(list(saved)), key
