@@ -607,6 +607,8 @@ def test_compiled_run_saves_plain_weights_and_resume_compiles_again(tmp_path, mo
 
     def spy(model, **kw):
         compiled.append(model)
+        assert kw["mode"] == train.compile_mode(True, SimpleNamespace(device=torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"), ddp=False))
         return real(model, backend="eager", **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
@@ -629,6 +631,14 @@ def test_compiled_run_saves_plain_weights_and_resume_compiles_again(tmp_path, mo
     assert len(re.findall(r"pretrain: first step compiled in \d+ s", caplog.text)) == 2
     run(tmp_path / "c", *argv, "--pretrain_epochs", "3", "--resume")  # eager goes on from it
     assert len(compiled) == 2 and numbers(tmp_path / "c")[-1]["epoch"] == 3
+
+
+def test_compile_mode_graphs_only_for_pretraining_on_one_gpu():
+    def mode(pre, device, ddp):
+        return train.compile_mode(pre, SimpleNamespace(device=torch.device(device), ddp=ddp))
+    assert mode(True, "cuda", False) == "reduce-overhead"
+    assert {mode(False, "cuda", False), mode(True, "cuda", True), mode(True, "cpu", False)} == {
+        "default"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
