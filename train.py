@@ -1,6 +1,4 @@
-"""
-Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or
-evaluate it.
+"""STAR: pretrain a Vision Mamba on separator-packed image sequences; finetune, probe, evaluate it.
 
     python train.py                        # offline demo: shapes, 500 of them labelled, CPU minutes
     python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 \
@@ -291,10 +289,8 @@ SHAPES = {
 
 def synthetic_shapes(n, size=32, seed=0):
     """The built-in offline data set: n RGB images (n, 3, size, size) uint8 of 10 shapes, labels.
-
     One shape per image, of random position, radius, rotation and colour, on a background of another
-    colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes.
-    """
+    colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -507,10 +503,8 @@ def normalize(x, data):
 
 def random_crops(n, gen, min_scale):
     """Affine maps (n, 2, 3) for random resized crops (area min_scale..1, aspect 3/4..4/3), flips.
-
     Like torchvision's RandomResizedCrop, but a crop that would leave the image is clamped, not
-    redrawn; drawn for a whole batch on the device, one per image (v2 draws one per batch).
-    """
+    redrawn; drawn for a whole batch on the device, one per image (v2 draws one per batch)."""
     r = torch.rand(n, 5, generator=gen, device=gen.device)
     area = min_scale + (1 - min_scale) * r[:, 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * r[:, 1])
@@ -671,14 +665,11 @@ def print_slots(title, got, env):
 
 @torch.no_grad()
 def complete_lower_half(model, imgs):
-    """Fill in the lower half of every image cluster by cluster, in sequence order, from its upper
-    half.
-
-    The model is causal: its prediction for a cluster reads only what comes before it in sequence
-    (the image's upper half, the clusters written in so far, the earlier images of the sequence), so
-    we run it on the current images, write its prediction for the next cluster in, and repeat.
-    imgs (b, C, H, W) normalised, b divisible by K.
-    """
+    """Fill in the lower half of every image from its upper half, cluster by cluster in sequence
+    order. The model is causal: its prediction for a cluster reads only what comes before it in
+    sequence (the image's upper half, the clusters written in so far, the earlier images of the
+    sequence), so we run it on the current images, write its prediction for the next cluster in, and
+    repeat. imgs (b, C, H, W) normalised, b divisible by K."""
     cfg = model.cfg
     K = cfg.images_per_seq
     cc = cfg.cluster ** 2
