@@ -572,14 +572,19 @@ def check_config(saved, cfg, names, what):
 
 def evaluate(model, data, args, env, by_slot=False):
     """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split;
-    by_slot: a pretraining model's loss also by image slot and cluster, printed as a table."""
+    by_slot: a pretraining model's loss also by image slot (1..K) and cluster (an image's first, or
+    the rest), to show where the separator acts: printed, and as {"loss_slot{k}_{part}": mean}."""
     sums, n = loss_sums(model, data, args, env)
     if isinstance(model, star.StarClassifier):
         return {"test_loss": sums[0].item() / n, "test_acc": sums[1].item() / n}
     metrics = {"test_loss": sums.mean().item() / n}
-    if by_slot:
-        metrics |= slot_table(model, sums / n, env)
-    return metrics
+    if not by_slot:
+        return metrics
+    rows = model.loss_by_slot(sums / n)  # the mean loss per target of each slot and part
+    cells = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
+    print_slots(f"AR test loss by image slot (K={model.cfg.images_per_seq}, separator "
+                f"{model.cfg.separator}), targets per sequence in parentheses:", cells, env)
+    return metrics | {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
 
 
 @torch.no_grad()
@@ -612,16 +617,6 @@ def loss_sums(model, data, args, env):
     if env.ddp:
         dist.all_reduce(sums)
     return sums, n
-
-
-def slot_table(model, target_loss, env):
-    """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
-    where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
-    rows = model.loss_by_slot(target_loss)
-    cells = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
-    print_slots(f"AR test loss by image slot (K={model.cfg.images_per_seq}, separator "
-                f"{model.cfg.separator}), targets per sequence in parentheses:", cells, env)
-    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
 
 
 def interference(model, data, clean, args, env):
