@@ -1069,8 +1069,7 @@ def evaluate_checkpoint(data, args, env):
 def run(args, env):
     """The phases of args.mode, then the report; mode eval evaluates --init instead."""
     phases = {"all": ["pretrain", "finetune"] + ["scratch"] * args.compare_scratch,
-              "pretrain": ["pretrain"], "finetune": ["finetune"], "probe": ["probe"], "eval": []}
-    phases = phases[args.mode]
+              "eval": []}.get(args.mode, [args.mode])  # the other modes: that one phase
     taken = [f"{p}.pt" for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
     if taken and not args.resume:
         raise UserError(f"{args.out} already holds {', '.join(taken)}: pass --resume to continue "
@@ -1084,9 +1083,8 @@ def run(args, env):
     cfg = model_config(args, data)
     # semi-supervised: pretraining reads every training image without its label, finetuning the
     # first --labeled ones (a random sample: read_splits); mean and std stay those of all
-    labeled = SimpleNamespace(**vars(data))
-    labeled.x = data.x[:args.labeled or None]
-    labeled.y = data.y[:args.labeled or None]
+    n = args.labeled or None
+    labeled = SimpleNamespace(**vars(data) | {"x": data.x[:n], "y": data.y[:n]})
     for name in phases:  # before any training: a finetuning refused after pretraining wastes it
         check_batch(name, len((data if name == "pretrain" else labeled).x), cfg, args, env)
     h = {}
@@ -1097,10 +1095,9 @@ def run(args, env):
                "labeled": len(labeled.x), "preset": args.preset,
                "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
-        summary["K"] = cfg.images_per_seq
-        summary["separator"] = cfg.separator
-        summary["ar_loss_before"] = h["pretrain"][0]["test_loss"]
-        summary["ar_loss_after"] = h["pretrain"][-1]["test_loss"]
+        summary |= {"K": cfg.images_per_seq, "separator": cfg.separator,
+                    "ar_loss_before": h["pretrain"][0]["test_loss"],
+                    "ar_loss_after": h["pretrain"][-1]["test_loss"]}
     summary |= {f"{p}_acc": h[p][-1]["test_acc"] for p in h if p != "pretrain"}
     if env.master:
         report(summary, cfg, args)
