@@ -423,24 +423,23 @@ def load_cifar(name, root, env):
 
 def read_splits(args, env):
     """The train and test split of --data (or --test_data), each (x uint8, y), and the classes."""
-    spec = args.data
     classes = None
     test = None
-    if spec == "synthetic":
+    if args.data == "synthetic":
         train = synthetic_shapes(args.num_train or 5000, args.img_size or 32, seed=0)
         test = synthetic_shapes(args.num_test or 1000, args.img_size or 32, seed=1)
         classes = list(SHAPES)
-    elif spec in ("cifar10", "cifar100"):
-        train, test, classes = load_cifar(spec, args.data_dir, env)
-    elif spec.startswith("folder:"):  # root/train with root/val or root/test, or one folder
-        root = spec[7:]
+    elif args.data in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(args.data, args.data_dir, env)
+    elif args.data.startswith("folder:"):  # root/train with root/val or root/test, or one folder
+        root = args.data[7:]
         sub = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
         train_root = os.path.join(root, "train") if "train" in sub else root
         *train, classes = read_folder(train_root, args.img_size)
         if "train" in sub and len(sub) > 1 and not args.test_data:
             test = read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2]
     else:  # npz:GLOB (check_args refused the rest)
-        train = read_npz(spec[4:])
+        train = read_npz(args.data[4:])
     if args.test_data.startswith("npz:"):
         test = read_npz(args.test_data[4:])
     elif args.test_data:
@@ -740,8 +739,7 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         elif name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
         scale = layer_decay ** (depth + 1 - layer)
-        decay = 0.0 if no_decay else weight_decay
-        new = {"params": [], "weight_decay": decay, "lr_scale": scale}
+        new = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
         groups.setdefault((no_decay, scale), new)["params"].append(p)
     return list(groups.values())
 
@@ -1055,8 +1053,7 @@ def evaluate_checkpoint(data, args, env):
     if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them
         weights = {k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     model.load_state_dict(weights)
-    data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
-    data.std = ckpt["norm"][1].to(env.device)
+    data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
     metrics = evaluate(model, data, args, env, by_slot=True)
     if args.distractor != "none":
         metrics |= interference(model, data, metrics, args, env)
