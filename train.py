@@ -100,9 +100,10 @@ class Args:
 # -----------------------------------------------------------------------------
 # command line, devices
 
-MODES = ("all", "pretrain", "finetune", "probe", "eval")
+CHOICES = {"mode": ("all", "pretrain", "finetune", "probe", "eval"), "preset": list(star.PRESETS),
+           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "compile": ("auto", "on", "off"), "distractor": ("none", "noise", "shapes")}
 DATASETS = "synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"
-DISTRACTORS = ("none", "noise", "shapes")  # what --distractor puts before the images it measures
 FROM_DATA = ("img_size", "in_chans", "num_classes")  # model fields the data decides
 # the flags a resumed phase must share with the run that wrote its checkpoint (besides the model)
 RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "batch_size",
@@ -144,16 +145,13 @@ def make_parser():
     p = argparse.ArgumentParser("train.py", description="STAR pretraining and finetuning",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(Args)
-    choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS),
-               "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp16", "fp32"),
-               "distractor": DISTRACTORS}
     for f in fields(Args):
         if f.type is bool:  # --flag alone means true
             p.add_argument(f"--{f.name}", default=f.default, type=_bool, help=helps.get(f.name),
                            metavar="true|false", nargs="?", const=True)
         elif f.name != "overrides":  # overrides: the model flags below
             p.add_argument(f"--{f.name}", default=f.default, type=f.type, help=helps.get(f.name),
-                           choices=choices.get(f.name))
+                           choices=CHOICES.get(f.name))
     helps = field_help(star.StarConfig) | MODEL_HELP
     g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
     for f in fields(star.StarConfig):
