@@ -414,9 +414,8 @@ def load_cifar(name, root, env):
                         f"local copy: --data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz "
                         f"(x uint8 N x H x W x C, y int), or --data folder:DIR (ImageFolder "
                         f"layout), or --data_dir where torchvision's files are") from None
-    train, test = [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))
-                   for s in sets]
-    return train, test, sets[0].classes
+    splits = [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in sets]
+    return *splits, sets[0].classes
 
 
 def read_splits(args, env):
@@ -457,8 +456,7 @@ def load_data(args, env):
     xt, yt = (t[:args.num_test or None] for t in test)
     num_classes = check_labels(y, yt, len(classes or ()), args)
     if args.img_size:
-        x = resize(x, args.img_size)
-        xt = resize(xt, args.img_size)
+        x, xt = (resize(t, args.img_size) for t in (x, xt))
     if x.shape[1:] != xt.shape[1:] or x.shape[2] != x.shape[3]:
         raise UserError(f"train images are {tuple(x.shape[1:])} and test images "
                         f"{tuple(xt.shape[1:])} (C, H, W); the model takes square images of one "
@@ -620,9 +618,8 @@ def interference(model, data, clean, args, env):
     """Does the separator shield an image from what came before? The AR test loss of the images in
     slots 2, 4, ... after a distractor (with_distractors), next to their loss after their real
     predecessors (clean: evaluate's by_slot metrics), printed; {"loss_slot{k}_{part}_{kind}"}."""
-    swapped = SimpleNamespace(**vars(data))
-    swapped.x_test = with_distractors(data.x_test, model.cfg.images_per_seq, args.distractor)
-    sums, n = loss_sums(model, swapped, args, env)
+    x_test = with_distractors(data.x_test, model.cfg.images_per_seq, args.distractor)
+    sums, n = loss_sums(model, SimpleNamespace(**vars(data) | {"x_test": x_test}), args, env)
     rows = [r for r in model.loss_by_slot(sums / n) if r["slot"] % 2 == 0]
     keys = [f"loss_slot{r['slot']}_{r['part']}" for r in rows]
     cells = {(r["slot"], r["part"]): f"{clean[key]:.4f} -> {r['loss']:.4f}"
@@ -1055,10 +1052,9 @@ def evaluate_checkpoint(data, args, env):
     metrics = evaluate(model, data, args, env, by_slot=True)
     if args.distractor != "none":
         metrics |= interference(model, data, metrics, args, env)
-    result = {"phase": "eval", "checkpoint": args.init} | metrics
     if pretrained and env.master:
         sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
-    return log_line(result, args, env)
+    return log_line({"phase": "eval", "checkpoint": args.init} | metrics, args, env)
 
 
 def run(args, env):
