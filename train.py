@@ -1110,13 +1110,12 @@ def report(s, cfg, args):
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
     names = {"finetune": f"finetuned from {init}", "scratch": "from scratch",
              "probe": f"linear probe of {init}"}
-    if any(f"{p}_acc" in s for p in names):
+    accs = [(s[f"{p}_acc"], what) for p, what in names.items() if f"{p}_acc" in s]
+    if accs:
         both = ", the same recipe for both:" if "scratch_acc" in s else ":"
         lines.append(f"  finetuning on {s['labeled']} labelled training images, "
                      f"{args.finetune_epochs} epochs{both}")
-    for p, what in names.items():
-        if f"{p}_acc" in s:
-            lines.append(f"    test accuracy     {100 * s[p + '_acc']:.1f}%  {what}")
+    lines += [f"    test accuracy     {100 * acc:.1f}%  {what}" for acc, what in accs]
     if "finetune_acc" in s and "scratch_acc" in s:
         gain = 100 * (s["finetune_acc"] - s["scratch_acc"])
         lines.append(f"    pretraining adds  {gain:+.1f} points")
