@@ -168,9 +168,8 @@ def make_parser():
 
 def parse_args(argv=None):
     ns = vars(make_parser().parse_args(argv))
-    args = Args(**{f.name: ns[f.name] for f in fields(Args) if f.name != "overrides"})
-    args.overrides = {k.removeprefix("model_"): v for k, v in ns.items() if k.startswith("model_")}
-    return args
+    overrides = {k.removeprefix("model_"): ns.pop(k) for k in list(ns) if k.startswith("model_")}
+    return Args(**ns, overrides=overrides)
 
 
 class UserError(ValueError):
@@ -320,8 +319,7 @@ def synthetic_shapes(n, size=32, seed=0):
 def resize(x, size):
     """uint8 (n, C, H, W) -> (n, C, size, size): a centre square, resized with antialiasing."""
     from torchvision.transforms.v2 import functional as TF
-    x = TF.center_crop(x, [min(x.shape[-2:])] * 2)
-    return TF.resize(x, [size, size], antialias=True)
+    return TF.resize(TF.center_crop(x, [min(x.shape[-2:])] * 2), [size, size], antialias=True)
 
 
 def shuffled(x, y):
@@ -1102,9 +1100,8 @@ def report(s, cfg, args):
     lines = [f"\nSTAR on {s['data']}: {s['train']} training and {s['test']} test images of {size}, "
              f"preset {s['preset']}, seed {args.seed}"]
     if "ar_loss_before" in s:
-        how = f"K={cfg.images_per_seq}, separator {cfg.separator}"
         lines.append(f"  pretraining on all {s['train']} training images, without labels: "
-                     f"{args.pretrain_epochs} epochs ({how})")
+                     f"{args.pretrain_epochs} epochs (K={s['K']}, separator {s['separator']})")
         lines.append(f"    AR loss (test)    {s['ar_loss_before']:.4f} before, "
                      f"{s['ar_loss_after']:.4f} after")
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
