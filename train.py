@@ -902,10 +902,8 @@ def check_losses(losses, first, epoch, phase, env):
     bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
         batch = first + bad[0] + 1  # counting from 1
-        kept = "No checkpoint was written yet."
-        if os.path.exists(phase.path):
-            kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, "
-                    f"then --resume")
+        kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, then --resume"
+                if os.path.exists(phase.path) else "No checkpoint was written yet.")
         raise SystemExit(f"{phase.name}: the loss became {losses[bad[0]]} at step "
                          f"{epoch * phase.steps + batch} (epoch {epoch + 1}, batch {batch}); "
                          f"stopped. {kept}")
