@@ -1,6 +1,4 @@
-"""
-Train STAR: pretrain a Vision Mamba on separator-packed image sequences, then finetune, probe or
-evaluate it.
+"""STAR: pretrain a Vision Mamba on separator-packed image sequences; finetune, probe, evaluate it.
 
     python train.py                        # offline demo: shapes, 500 of them labelled, CPU minutes
     python train.py --data cifar10 --preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 \
@@ -102,9 +100,10 @@ class Args:
 # -----------------------------------------------------------------------------
 # command line, devices
 
-MODES = ("all", "pretrain", "finetune", "probe", "eval")
+CHOICES = {"mode": ("all", "pretrain", "finetune", "probe", "eval"), "preset": list(star.PRESETS),
+           "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "compile": ("auto", "on", "off"), "distractor": ("none", "noise", "shapes")}
 DATASETS = "synthetic, cifar10, cifar100, folder:PATH, npz:GLOB"
-DISTRACTORS = ("none", "noise", "shapes")  # what --distractor puts before the images it measures
 FROM_DATA = ("img_size", "in_chans", "num_classes")  # model fields the data decides
 # the flags a resumed phase must share with the run that wrote its checkpoint (besides the model)
 RESUMED = ("data", "test_data", "img_size", "num_train", "num_test", "seed", "batch_size",
@@ -146,16 +145,13 @@ def make_parser():
     p = argparse.ArgumentParser("train.py", description="STAR pretraining and finetuning",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(Args)
-    choices = {"mode": MODES, "device": ("auto", "cpu", "cuda"), "preset": list(star.PRESETS),
-               "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp16", "fp32"),
-               "distractor": DISTRACTORS}
     for f in fields(Args):
         if f.type is bool:  # --flag alone means true
             p.add_argument(f"--{f.name}", default=f.default, type=_bool, help=helps.get(f.name),
                            metavar="true|false", nargs="?", const=True)
         elif f.name != "overrides":  # overrides: the model flags below
             p.add_argument(f"--{f.name}", default=f.default, type=f.type, help=helps.get(f.name),
-                           choices=choices.get(f.name))
+                           choices=CHOICES.get(f.name))
     helps = field_help(star.StarConfig) | MODEL_HELP
     g = p.add_argument_group("model: fields of star.StarConfig (default: the preset's)")
     for f in fields(star.StarConfig):
@@ -172,9 +168,8 @@ def make_parser():
 
 def parse_args(argv=None):
     ns = vars(make_parser().parse_args(argv))
-    args = Args(**{f.name: ns[f.name] for f in fields(Args) if f.name != "overrides"})
-    args.overrides = {k.removeprefix("model_"): v for k, v in ns.items() if k.startswith("model_")}
-    return args
+    overrides = {k.removeprefix("model_"): ns.pop(k) for k in list(ns) if k.startswith("model_")}
+    return Args(**ns, overrides=overrides)
 
 
 class UserError(ValueError):
@@ -291,10 +286,8 @@ SHAPES = {
 
 def synthetic_shapes(n, size=32, seed=0):
     """The built-in offline data set: n RGB images (n, 3, size, size) uint8 of 10 shapes, labels.
-
     One shape per image, of random position, radius, rotation and colour, on a background of another
-    colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes.
-    """
+    colour with a random gradient, plus pixel noise. Deterministic from seed; balanced classes."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -326,8 +319,7 @@ def synthetic_shapes(n, size=32, seed=0):
 def resize(x, size):
     """uint8 (n, C, H, W) -> (n, C, size, size): a centre square, resized with antialiasing."""
     from torchvision.transforms.v2 import functional as TF
-    x = TF.center_crop(x, [min(x.shape[-2:])] * 2)
-    return TF.resize(x, [size, size], antialias=True)
+    return TF.resize(TF.center_crop(x, [min(x.shape[-2:])] * 2), [size, size], antialias=True)
 
 
 def shuffled(x, y):
@@ -420,31 +412,29 @@ def load_cifar(name, root, env):
                         f"local copy: --data npz:'DIR/train_*.npz' --test_data npz:DIR/test.npz "
                         f"(x uint8 N x H x W x C, y int), or --data folder:DIR (ImageFolder "
                         f"layout), or --data_dir where torchvision's files are") from None
-    train, test = [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets))
-                   for s in sets]
-    return train, test, sets[0].classes
+    splits = [(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in sets]
+    return *splits, sets[0].classes
 
 
 def read_splits(args, env):
     """The train and test split of --data (or --test_data), each (x uint8, y), and the classes."""
-    spec = args.data
     classes = None
     test = None
-    if spec == "synthetic":
+    if args.data == "synthetic":
         train = synthetic_shapes(args.num_train or 5000, args.img_size or 32, seed=0)
         test = synthetic_shapes(args.num_test or 1000, args.img_size or 32, seed=1)
         classes = list(SHAPES)
-    elif spec in ("cifar10", "cifar100"):
-        train, test, classes = load_cifar(spec, args.data_dir, env)
-    elif spec.startswith("folder:"):  # root/train with root/val or root/test, or one folder
-        root = spec[7:]
+    elif args.data in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(args.data, args.data_dir, env)
+    elif args.data.startswith("folder:"):  # root/train with root/val or root/test, or one folder
+        root = args.data[7:]
         sub = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
         train_root = os.path.join(root, "train") if "train" in sub else root
         *train, classes = read_folder(train_root, args.img_size)
         if "train" in sub and len(sub) > 1 and not args.test_data:
             test = read_folder(os.path.join(root, sub[1]), args.img_size, classes)[:2]
     else:  # npz:GLOB (check_args refused the rest)
-        train = read_npz(spec[4:])
+        train = read_npz(args.data[4:])
     if args.test_data.startswith("npz:"):
         test = read_npz(args.test_data[4:])
     elif args.test_data:
@@ -464,8 +454,7 @@ def load_data(args, env):
     xt, yt = (t[:args.num_test or None] for t in test)
     num_classes = check_labels(y, yt, len(classes or ()), args)
     if args.img_size:
-        x = resize(x, args.img_size)
-        xt = resize(xt, args.img_size)
+        x, xt = (resize(t, args.img_size) for t in (x, xt))
     if x.shape[1:] != xt.shape[1:] or x.shape[2] != x.shape[3]:
         raise UserError(f"train images are {tuple(x.shape[1:])} and test images "
                         f"{tuple(xt.shape[1:])} (C, H, W); the model takes square images of one "
@@ -507,10 +496,8 @@ def normalize(x, data):
 
 def random_crops(n, gen, min_scale):
     """Affine maps (n, 2, 3) for random resized crops (area min_scale..1, aspect 3/4..4/3), flips.
-
     Like torchvision's RandomResizedCrop, but a crop that would leave the image is clamped, not
-    redrawn; drawn for a whole batch on the device, one per image (v2 draws one per batch).
-    """
+    redrawn; drawn for a whole batch on the device, one per image (v2 draws one per batch)."""
     r = torch.rand(n, 5, generator=gen, device=gen.device)
     area = min_scale + (1 - min_scale) * r[:, 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * r[:, 1])
@@ -578,14 +565,19 @@ def check_config(saved, cfg, names, what):
 
 def evaluate(model, data, args, env, by_slot=False):
     """Test loss (the STAR objective or cross-entropy) and accuracy, over the whole test split;
-    by_slot: a pretraining model's loss also by image slot and cluster, printed as a table."""
+    by_slot: a pretraining model's loss also by image slot (1..K) and cluster (an image's first, or
+    the rest), to show where the separator acts: printed, and as {"loss_slot{k}_{part}": mean}."""
     sums, n = loss_sums(model, data, args, env)
     if isinstance(model, star.StarClassifier):
         return {"test_loss": sums[0].item() / n, "test_acc": sums[1].item() / n}
     metrics = {"test_loss": sums.mean().item() / n}
-    if by_slot:
-        metrics |= slot_table(model, sums / n, env)
-    return metrics
+    if not by_slot:
+        return metrics
+    rows = model.loss_by_slot(sums / n)  # the mean loss per target of each slot and part
+    cells = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
+    print_slots(f"AR test loss by image slot (K={model.cfg.images_per_seq}, separator "
+                f"{model.cfg.separator}), targets per sequence in parentheses:", cells, env)
+    return metrics | {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
 
 
 @torch.no_grad()
@@ -620,23 +612,12 @@ def loss_sums(model, data, args, env):
     return sums, n
 
 
-def slot_table(model, target_loss, env):
-    """The AR test loss by image slot (1..K) and cluster (an image's first, or the rest), to show
-    where the separator acts: printed, and returned as {"loss_slot{k}_{part}": mean per target}."""
-    rows = model.loss_by_slot(target_loss)
-    cells = {(r["slot"], r["part"]): f"{r['loss']:.4f} ({r['targets']})" for r in rows}
-    print_slots(f"AR test loss by image slot (K={model.cfg.images_per_seq}, separator "
-                f"{model.cfg.separator}), targets per sequence in parentheses:", cells, env)
-    return {f"loss_slot{r['slot']}_{r['part']}": r["loss"] for r in rows}
-
-
 def interference(model, data, clean, args, env):
     """Does the separator shield an image from what came before? The AR test loss of the images in
     slots 2, 4, ... after a distractor (with_distractors), next to their loss after their real
     predecessors (clean: evaluate's by_slot metrics), printed; {"loss_slot{k}_{part}_{kind}"}."""
-    swapped = SimpleNamespace(**vars(data))
-    swapped.x_test = with_distractors(data.x_test, model.cfg.images_per_seq, args.distractor)
-    sums, n = loss_sums(model, swapped, args, env)
+    x_test = with_distractors(data.x_test, model.cfg.images_per_seq, args.distractor)
+    sums, n = loss_sums(model, SimpleNamespace(**vars(data) | {"x_test": x_test}), args, env)
     rows = [r for r in model.loss_by_slot(sums / n) if r["slot"] % 2 == 0]
     keys = [f"loss_slot{r['slot']}_{r['part']}" for r in rows]
     cells = {(r["slot"], r["part"]): f"{clean[key]:.4f} -> {r['loss']:.4f}"
@@ -671,14 +652,11 @@ def print_slots(title, got, env):
 
 @torch.no_grad()
 def complete_lower_half(model, imgs):
-    """Fill in the lower half of every image cluster by cluster, in sequence order, from its upper
-    half.
-
-    The model is causal: its prediction for a cluster reads only what comes before it in sequence
-    (the image's upper half, the clusters written in so far, the earlier images of the sequence), so
-    we run it on the current images, write its prediction for the next cluster in, and repeat.
-    imgs (b, C, H, W) normalised, b divisible by K.
-    """
+    """Fill in the lower half of every image from its upper half, cluster by cluster in sequence
+    order. The model is causal: its prediction for a cluster reads only what comes before it in
+    sequence (the image's upper half, the clusters written in so far, the earlier images of the
+    sequence), so we run it on the current images, write its prediction for the next cluster in, and
+    repeat. imgs (b, C, H, W) normalised, b divisible by K."""
     cfg = model.cfg
     K = cfg.images_per_seq
     cc = cfg.cluster ** 2
@@ -754,8 +732,7 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         elif name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
         scale = layer_decay ** (depth + 1 - layer)
-        decay = 0.0 if no_decay else weight_decay
-        new = {"params": [], "weight_decay": decay, "lr_scale": scale}
+        new = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
         groups.setdefault((no_decay, scale), new)["params"].append(p)
     return list(groups.values())
 
@@ -925,10 +902,8 @@ def check_losses(losses, first, epoch, phase, env):
     bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
         batch = first + bad[0] + 1  # counting from 1
-        kept = "No checkpoint was written yet."
-        if os.path.exists(phase.path):
-            kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, "
-                    f"then --resume")
+        kept = (f"{phase.path} keeps the last good state (epoch {epoch}): lower --lr, then --resume"
+                if os.path.exists(phase.path) else "No checkpoint was written yet.")
         raise SystemExit(f"{phase.name}: the loss became {losses[bad[0]]} at step "
                          f"{epoch * phase.steps + batch} (epoch {epoch + 1}, batch {batch}); "
                          f"stopped. {kept}")
@@ -1069,22 +1044,19 @@ def evaluate_checkpoint(data, args, env):
     if ckpt.get("ema"):  # --ema: the averaged weights, as the run evaluated them
         weights = {k[7:]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     model.load_state_dict(weights)
-    data.mean = ckpt["norm"][0].to(env.device)  # normalise as in training
-    data.std = ckpt["norm"][1].to(env.device)
+    data.mean, data.std = (t.to(env.device) for t in ckpt["norm"])  # normalise as in training
     metrics = evaluate(model, data, args, env, by_slot=True)
     if args.distractor != "none":
         metrics |= interference(model, data, metrics, args, env)
-    result = {"phase": "eval", "checkpoint": args.init} | metrics
     if pretrained and env.master:
         sample_grid(model, data, args, env, os.path.join(args.out, "samples_eval.png"))
-    return log_line(result, args, env)
+    return log_line({"phase": "eval", "checkpoint": args.init} | metrics, args, env)
 
 
 def run(args, env):
     """The phases of args.mode, then the report; mode eval evaluates --init instead."""
     phases = {"all": ["pretrain", "finetune"] + ["scratch"] * args.compare_scratch,
-              "pretrain": ["pretrain"], "finetune": ["finetune"], "probe": ["probe"], "eval": []}
-    phases = phases[args.mode]
+              "eval": []}.get(args.mode, [args.mode])  # the other modes: that one phase
     taken = [f"{p}.pt" for p in phases if os.path.exists(os.path.join(args.out, f"{p}.pt"))]
     if taken and not args.resume:
         raise UserError(f"{args.out} already holds {', '.join(taken)}: pass --resume to continue "
@@ -1098,9 +1070,8 @@ def run(args, env):
     cfg = model_config(args, data)
     # semi-supervised: pretraining reads every training image without its label, finetuning the
     # first --labeled ones (a random sample: read_splits); mean and std stay those of all
-    labeled = SimpleNamespace(**vars(data))
-    labeled.x = data.x[:args.labeled or None]
-    labeled.y = data.y[:args.labeled or None]
+    n = args.labeled or None
+    labeled = SimpleNamespace(**vars(data) | {"x": data.x[:n], "y": data.y[:n]})
     for name in phases:  # before any training: a finetuning refused after pretraining wastes it
         check_batch(name, len((data if name == "pretrain" else labeled).x), cfg, args, env)
     h = {}
@@ -1111,10 +1082,9 @@ def run(args, env):
                "labeled": len(labeled.x), "preset": args.preset,
                "minutes": round((time.time() - t0) / 60, 2)}
     if "pretrain" in h:
-        summary["K"] = cfg.images_per_seq
-        summary["separator"] = cfg.separator
-        summary["ar_loss_before"] = h["pretrain"][0]["test_loss"]
-        summary["ar_loss_after"] = h["pretrain"][-1]["test_loss"]
+        summary |= {"K": cfg.images_per_seq, "separator": cfg.separator,
+                    "ar_loss_before": h["pretrain"][0]["test_loss"],
+                    "ar_loss_after": h["pretrain"][-1]["test_loss"]}
     summary |= {f"{p}_acc": h[p][-1]["test_acc"] for p in h if p != "pretrain"}
     if env.master:
         report(summary, cfg, args)
@@ -1128,21 +1098,19 @@ def report(s, cfg, args):
     lines = [f"\nSTAR on {s['data']}: {s['train']} training and {s['test']} test images of {size}, "
              f"preset {s['preset']}, seed {args.seed}"]
     if "ar_loss_before" in s:
-        how = f"K={cfg.images_per_seq}, separator {cfg.separator}"
         lines.append(f"  pretraining on all {s['train']} training images, without labels: "
-                     f"{args.pretrain_epochs} epochs ({how})")
+                     f"{args.pretrain_epochs} epochs (K={s['K']}, separator {s['separator']})")
         lines.append(f"    AR loss (test)    {s['ar_loss_before']:.4f} before, "
                      f"{s['ar_loss_after']:.4f} after")
     init = "the pretraining" if args.mode == "all" else args.init or "scratch"
     names = {"finetune": f"finetuned from {init}", "scratch": "from scratch",
              "probe": f"linear probe of {init}"}
-    if any(f"{p}_acc" in s for p in names):
+    accs = [(s[f"{p}_acc"], what) for p, what in names.items() if f"{p}_acc" in s]
+    if accs:
         both = ", the same recipe for both:" if "scratch_acc" in s else ":"
         lines.append(f"  finetuning on {s['labeled']} labelled training images, "
                      f"{args.finetune_epochs} epochs{both}")
-    for p, what in names.items():
-        if f"{p}_acc" in s:
-            lines.append(f"    test accuracy     {100 * s[p + '_acc']:.1f}%  {what}")
+    lines += [f"    test accuracy     {100 * acc:.1f}%  {what}" for acc, what in accs]
     if "finetune_acc" in s and "scratch_acc" in s:
         gain = 100 * (s["finetune_acc"] - s["scratch_acc"])
         lines.append(f"    pretraining adds  {gain:+.1f} points")
