@@ -504,11 +504,11 @@ class StarConfig:
 def causal_conv(x, weight, bias):
     """Depthwise causal conv over the last axis: x (..., d, l), weight (..., d, k), bias (..., d).
     Eager, cuDNN's conv1d; under torch.compile, k shifted multiply-adds, which fuse with their
-    neighbours (compiled, conv1d stays a slow kernel of its own)."""
+    neighbours (compiled, conv1d stays cuDNN's kernel: 10 of a 4-direction step's 65 ms, H200)."""
     k = weight.shape[-1]
     l = x.shape[-1]
     if not torch.compiler.is_compiling():
-        chans = weight[..., 0].numel()  # every direction's d channels
+        chans = weight.shape[:-1].numel()  # every direction's d channels
         u = F.conv1d(x.reshape(-1, chans, l), weight.reshape(chans, 1, k), bias.flatten(),
                      padding=k - 1, groups=chans)  # (b, chans, l + k - 1)
         return u[..., :l].view(x.shape[0], *weight.shape[:-1], l)  # the right padding cut
