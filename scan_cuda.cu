@@ -42,7 +42,6 @@
  */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
@@ -484,6 +483,15 @@ static void check(const at::Tensor& x, const char* name, const at::Device& dev,
               " must be contiguous (call .contiguous())");
 }
 
+// at::zeros as a cudaMemsetAsync on the current stream, without dispatching a fill kernel
+static at::Tensor zeros(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+  const cudaError_t err = cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(),
+                                          c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "scan_cuda: cudaMemsetAsync failed: ", cudaGetErrorString(err));
+  return t;
+}
+
 using Opt = std::optional<at::Tensor>;
 static float* fptr(const Opt& t) { return t ? t->data_ptr<float>() : nullptr; }
 template <typename P> static at::Tensor bind(P*& field, at::Tensor t) {  // t, the kernel's output
@@ -565,11 +573,11 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   at::Tensor ddelta = bind(p.ddelta, at::empty(u.sizes(), u.options()));
   at::Tensor dz = bind(p.dz, at::empty(z ? u.sizes() : at::IntArrayRef{0}, u.options()));
   // the float32 sums start at zero: the kernel adds into them with atomicAdd
-  at::Tensor dA = bind(p.dA, at::zeros(A.sizes(), f32));
-  at::Tensor dB = bind(p.dB, at::zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
-  at::Tensor dC = bind(p.dC, at::zeros(dB.sizes(), f32));
-  at::Tensor dD = bind(p.dD, at::zeros({p.dim}, f32));
-  at::Tensor dbias = bind(p.dbias, at::zeros({p.dim}, f32));
+  at::Tensor dA = bind(p.dA, zeros(A.sizes(), f32));
+  at::Tensor dB = bind(p.dB, zeros({p.batch, p.groups, p.dstate, p.lpad}, f32));
+  at::Tensor dC = bind(p.dC, zeros(dB.sizes(), f32));
+  at::Tensor dD = bind(p.dD, zeros({p.dim}, f32));
+  at::Tensor dbias = bind(p.dbias, zeros({p.dim}, f32));
   run(p, u.scalar_type(), true);
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }

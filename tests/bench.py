@@ -9,7 +9,10 @@ or whole pretraining steps against K:
     python tests/bench.py --model [--presets cifar,base] [--ks 1,2,4,8,16]
     [--compile off,default,reduce-overhead]  (eager and torch.compile modes, each timed)
     [--batches 1024,512]  (each of these batches; default: the largest of 1024, 512, ... that fits)
-    [--star DIR]  (time DIR/star.py instead, e.g. an older commit's worktree: before/after)
+Both GPU modes take [--star DIR]: DIR/star.py and its kernel instead of ours (e.g. an older
+commit's: a before/after pair in one device call; give each its own TORCH_EXTENSIONS_DIR).
+--profile: the first shape's forward+backward per impl under torch.profiler, and its mean over
+200 back-to-back runs (one sync at the end: the fixed cost where the kernels take microseconds).
 Forward and forward+backward with CUDA events (warm-up, then the median of many runs), and peak
 memory above the inputs, for the CUDA kernel, star's PyTorch fallback, the sequential reference and
 the official kernel (--official).
@@ -26,7 +29,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import star  # noqa: E402
-from star import _cuda_kernel, selective_scan_cuda  # noqa: E402
 
 SHAPES = {"small": (1, 16, 16, 64), "tiny": (128, 384, 16, 260), "B": (32, 768, 16, 580),
           "long": (4, 768, 16, 8192)}  # (b, d, n, l)
@@ -132,6 +134,37 @@ def bench(scan, x, warmup, reps):
     fwd_bwd()
     torch.cuda.synchronize()
     return f, fb, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def profile(impls, shape, dtype_names, runs=200):
+    """Where a forward+backward's time goes: torch.profiler's table of each impl, and the mean of
+    runs back-to-back calls"""
+    from torch.profiler import ProfilerActivity
+    for dtype_name in dtype_names:
+        torch.manual_seed(0)
+        x = make_inputs(*shape, DTYPES[dtype_name])
+        leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+        dout = torch.randn_like(x["u"])
+        for name, scan in impls.items():
+            def fwd_bwd():
+                out = scan(**leaves, delta_softplus=True)
+                torch.autograd.grad(out, list(leaves.values()), dout)
+            for _ in range(20):
+                fwd_bwd()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(runs):
+                fwd_bwd()
+            torch.cuda.synchronize()
+            mean_us = (time.perf_counter() - t) / runs * 1e6
+            acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(20):
+                    fwd_bwd()
+                torch.cuda.synchronize()
+            print(f"\n{name}, {shape}, {dtype_name}: {mean_us:.1f} us per forward+backward "
+                  f"({runs} back to back); profile of 20:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
 def cpu_bench(b=8, d=192, n=16, l=272, reps=5):
@@ -250,6 +283,8 @@ def main():
     parser.add_argument("--official",
                         help="folder with state-spaces/mamba's csrc/selective_scan sources")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the first shape's forward+backward of each impl")
     parser.add_argument("--cpu", action="store_true",
                         help="time the PyTorch scan and the reference on the CPU")
     parser.add_argument("--model", action="store_true",
@@ -261,21 +296,21 @@ def main():
     parser.add_argument("--precision", default="bf16",
                         help="--model: autocast dtype (bf16, fp16, fp32)")
     parser.add_argument("--batches", help="--model: time each of these batches, e.g. 1024,512")
-    parser.add_argument("--star", help="--model: time DIR/star.py (e.g. a worktree of an older "
-                                       "commit) instead of this folder's")
+    parser.add_argument("--star", help="time DIR/star.py (e.g. a worktree of an older commit) "
+                                       "instead of this folder's")
     parser.add_argument("--compile", default="off",
                         help="--model: time each step eager (off) and/or torch.compile'd in these "
                              "modes, e.g. off,default,reduce-overhead")
     args = parser.parse_args()
     if args.cpu:
         return cpu_bench()
+    if args.star:  # star.py of another folder, for a before/after pair in one device call
+        global star
+        sys.path.insert(0, os.path.abspath(args.star))
+        del sys.modules["star"]
+        import star
+        print(f"star.py from {args.star}")
     if args.model:
-        if args.star:  # star.py of another folder, for a before/after pair in one device call
-            global star
-            sys.path.insert(0, os.path.abspath(args.star))
-            del sys.modules["star"]
-            import star
-            print(f"star.py from {args.star}")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.precision]
         ks = [int(k) for k in args.ks.split(",") if k]  # "": no pretraining row
@@ -285,12 +320,12 @@ def main():
                            batches=args.batches and [int(b) for b in args.batches.split(",")])
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     t = time.time()
-    ext, why = _cuda_kernel()
+    ext, why = star._cuda_kernel()
     build_s = time.time() - t
     wanted = args.impls.split(",")
     impls = {}
     if ext is not None and "cuda" in wanted:
-        impls["cuda (ours)"] = selective_scan_cuda
+        impls["cuda (ours)"] = star.selective_scan_cuda
     elif ext is None:
         print(f"the CUDA scan is unavailable: {why}")
     if args.official and "official" in wanted:
@@ -342,6 +377,8 @@ def main():
                             f"| {mib:.0f} |")
                 lines.append(line)
                 print(line, flush=True)
+    if args.profile:
+        profile(impls, SHAPES[args.shapes.split(",")[0]], args.dtypes.split(","))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
