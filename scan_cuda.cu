@@ -9,8 +9,7 @@
  *     y_t    = sum_n C_t[n] h_t[n] + D u_t
  *     out_t  = y_t silu(z_t)                                     (gate optional)
  * A is (d, n); B and C are (b, g, n, l), channel d reads group d / (d / g).
- * u, delta, z, B, C, out may be float32, bfloat16 or float16 (one dtype); they are converted on
- * load and store.
+ * u, delta, z, out may be float32, bfloat16 or float16; they are converted on load and store.
  *
  * Its gradients, with x_t = dLoss/dh_t running backwards in time:
  *     dy_t = dout_t silu(z_t),            dz_t = dout_t y_t silu'(z_t)
@@ -62,8 +61,8 @@ constexpr float LOG2E = 1.4426950408889634f;
 struct Params {
   int batch, dim, len, dstate, groups, dgroup, ntiles, lpad;
   bool softplus, save_all;
-  const void *u, *delta, *z, *dout, *B, *C;        // (b, d, l) and (b, g, n, l), input dtype
-  const float *A, *D, *bias, *dlast;               // float32
+  const void *u, *delta, *z, *dout;                // (b, d, l), input dtype
+  const float *A, *B, *C, *D, *bias, *dlast;       // float32
   void *out, *du, *ddelta, *dz;                    // (b, d, l), input dtype
   float *ckpt, *dA, *dB, *dC, *dD, *dbias;         // float32
 };
@@ -161,8 +160,8 @@ template <typename T, int NS, bool BWD>
 struct TileLoad {
   static constexpr int PER = TILE / LANES;                  // 4 steps of each channel
   static constexpr int PER_BC = NS * LANES * TILE / THREADS;  // 4 NS values of B and of C
-  T u[PER], delta[PER], z[PER], dout[PER], B[PER_BC], C[PER_BC];
-  float bias;
+  T u[PER], delta[PER], z[PER], dout[PER];
+  float B[PER_BC], C[PER_BC], bias;
 
   __device__ void load(const Params& p, const Slot& s, int t0) {
     const size_t base = s.seq(p);
@@ -183,8 +182,8 @@ struct TileLoad {
       const int n = e / TILE;
       const int t = t0 + e % TILE;
       const bool ok = n < p.dstate && t < p.len;
-      B[i] = ok ? static_cast<const T*>(p.B)[bc + size_t(n) * p.len + t] : T(0.f);
-      C[i] = ok ? static_cast<const T*>(p.C)[bc + size_t(n) * p.len + t] : T(0.f);
+      B[i] = ok ? p.B[bc + size_t(n) * p.len + t] : 0.f;
+      C[i] = ok ? p.C[bc + size_t(n) * p.len + t] : 0.f;
     }
   }
 
@@ -211,8 +210,8 @@ struct TileLoad {
 #pragma unroll
     for (int i = 0; i < PER_BC; ++i) {
       const int e = s.tid + THREADS * i;
-      m.B[e / TILE * TP + e % TILE] = float(B[i]);
-      m.C[e / TILE * TP + e % TILE] = float(C[i]);
+      m.B[e / TILE * TP + e % TILE] = B[i];
+      m.C[e / TILE * TP + e % TILE] = C[i];
     }
   }
 };
@@ -522,8 +521,8 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
   check(A, "A", u.device(), at::kFloat, {d, -1});
   TORCH_CHECK(n >= 1 && n <= MAX_N, "selective_scan: state size n = ", str(n),
               " not supported (1 to 64)");
-  check(B, "B", u.device(), dtype, {b, -1, n, l});
-  check(C, "C", u.device(), dtype, {b, g, n, l});
+  check(B, "B", u.device(), at::kFloat, {b, -1, n, l});
+  check(C, "C", u.device(), at::kFloat, {b, g, n, l});
   TORCH_CHECK(g >= 1 && d % g == 0 && g <= 65535, "selective_scan: d = ", str(d),
               " is not a multiple of the number of groups ", str(g));
   if (D) check(*D, "D", u.device(), at::kFloat, {d});
@@ -532,8 +531,9 @@ static Params make_params(const at::Tensor& u, const at::Tensor& delta, const at
   return Params{.batch = int(b), .dim = int(d), .len = int(l), .dstate = int(n), .groups = int(g),
                 .dgroup = int(d / g), .ntiles = ntiles, .lpad = ntiles * TILE,
                 .softplus = delta_softplus, .u = u.data_ptr(), .delta = delta.data_ptr(),
-                .z = z ? z->data_ptr() : nullptr, .B = B.data_ptr(), .C = C.data_ptr(),
-                .A = A.data_ptr<float>(), .D = fptr(D), .bias = fptr(delta_bias)};
+                .z = z ? z->data_ptr() : nullptr, .A = A.data_ptr<float>(),
+                .B = B.data_ptr<float>(), .C = C.data_ptr<float>(), .D = fptr(D),
+                .bias = fptr(delta_bias)};
 }
 
 // Returns (out, ckpt): ckpt is the state after each 64-step tile, (b, d, ceil(l / 64), n) float32,

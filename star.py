@@ -337,32 +337,29 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, ckpt, dlast):
 
 
 def _f32(t):
-    """A parameter (A, D, Δ bias) as the kernels read it: contiguous float32."""
+    """A small parameter (A, B, C, D, Δ bias) as the kernels read it: contiguous float32."""
     return None if t is None else t.float().contiguous()
 
 
 class _CudaScan(torch.autograd.Function):
     """selective_scan_ref's function on the fused kernels; the backward recomputes the states.
-    The kernels read u, delta, z, B, C contiguous in one dtype, A, D, Δ's bias in float32."""
+    The kernels read u, delta, z contiguous in their dtype, the rest contiguous float32."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         ext = _scan_fwd if torch.compiler.is_compiling() else _cuda_kernel()[0].fwd
         ctx.B_C_like = (B.shape, B.dtype, C.shape, C.dtype)
         ctx.delta_softplus = delta_softplus
-        dtype = u.dtype  # out's
-        if not B.dtype == C.dtype == dtype:  # B, C not in u's dtype: the kernel runs in float32
-            u, delta, z = (None if t is None else t.float() for t in (u, delta, z))
         z = None if z is None else z.contiguous()  # (b, d, l)
-        B, C = (_grouped(t).to(u.dtype).contiguous() for t in (B, C))  # (b, g, n, l)
-        args = (u.contiguous(), delta.contiguous(), _f32(A), B, C, _f32(D), z, _f32(delta_bias))
+        args = (u.contiguous(), delta.contiguous(), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)),
+                _f32(D), z, _f32(delta_bias))
         save_all = any(ctx.needs_input_grad[:8])  # keep the tile states only for a backward
         out, ckpt = ext(*args, delta_softplus, save_all)
         if save_all:
             ctx.save_for_backward(*args, ckpt)
         if return_last_state:
-            return out.to(dtype), ckpt[:, :, -1].clone()  # last state: (b, d, n)
-        return out.to(dtype)
+            return out, ckpt[:, :, -1].clone()  # last state: (b, d, n)
+        return out
 
     @staticmethod
     def backward(ctx, dout, dlast=None):
