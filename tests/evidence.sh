@@ -14,7 +14,8 @@
 # WORKERS_PER_GPU at a time on every GPU (a pretraining step at batch 512 leaves an H200 idle half
 # the time), so the wall times in OUT/*.log are not speeds. Env: SEEDS (default "0 1 2"), PRE, FT
 # and PROBE_EPOCHS (default 12, 6 and 5; tests/results/README.md's full-recipe table: 36, 15 and
-# 8), EXTRA (more train.py flags, e.g. for a quick check on a CPU).
+# 8), EXTRA (more train.py flags, e.g. for a quick check on a CPU), ROWS (default all: star concat
+# arm scratch heldout star8 concat8 star2; heldout: the STAR rows' held-out finetunings).
 set -euo pipefail
 OUT=${1:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
 DIR=${2:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
@@ -34,16 +35,20 @@ COMMON=(--preset cifar --batch_size 512 --lr 5e-4 --warmup_epochs 2 --pretrain_e
         ${EXTRA:-})
 PROBE=(--mode probe --scan_dirs 1 --finetune_epochs "${PROBE_EPOCHS:-5}" --ft_lr 5e-3
        --eval_every "${PROBE_EPOCHS:-5}")
-JOBS=()  # NAME SEED STEPS [model flags]
+ROWS=" ${ROWS:-star concat arm scratch heldout star8 concat8 star2} "
+source "$(dirname "$0")/job_queue.sh"  # add, step, run_jobs
+
+held=$([[ $ROWS == *" heldout "* ]] && echo ",heldout" || true)  # STAR's held-out finetunings
 for s in ${SEEDS:-0 1 2}; do
-    JOBS+=("star $s pre,probe,ft,heldout --images_per_seq 4 --separator cluster"
-           "concat $s pre,probe,ft --images_per_seq 4 --separator none"
-           "arm $s pre,probe,ft --images_per_seq 1 --separator none"
-           "scratch $s ft")
+    add star "$s" "pre,probe,ft$held" --images_per_seq 4 --separator cluster
+    add concat "$s" pre,probe,ft --images_per_seq 4 --separator none
+    add arm "$s" pre,probe,ft --images_per_seq 1 --separator none
+    add scratch "$s" ft
 done
-JOBS+=("star8 0 pre,ft --images_per_seq 8 --separator cluster"
-       "concat8 0 pre --images_per_seq 8 --separator none"
-       "star2 0 pre,ft --images_per_seq 2 --separator cluster")
+add star8 0 pre,ft --images_per_seq 8 --separator cluster
+add concat8 0 pre --images_per_seq 8 --separator none
+add star2 0 pre,ft --images_per_seq 2 --separator cluster
+
 job() {  # job NAME SEED STEPS [model flags...]
     local name=$1 seed=$2 steps=$3 dir=$OUT/${1}_s$2
     shift 3
@@ -71,6 +76,5 @@ job() {  # job NAME SEED STEPS [model flags...]
     fi
 }
 
-source "$(dirname "$0")/job_queue.sh"
 run_jobs "$WORKERS"
 echo "evidence.sh: all ${#JOBS[@]} jobs ended"

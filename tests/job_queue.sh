@@ -1,7 +1,15 @@
-# The job queue of tests/evidence.sh and tests/separator_study.sh, which source it after setting
-# OUT (the output folder), PY (python), JOBS (one "NAME SEED ..." per job) and a function
-# job NAME SEED ...; run_jobs WORKERS then runs every job, WORKERS at a time on every GPU (one
-# "GPU" without any), each job's console output in OUT/NAME_sSEED.log.
+# The job queue of tests/evidence.sh and tests/separator_study.sh, which source it, set ROWS (the
+# rows to run, " a b ... "), add their jobs with add NAME SEED ..., set OUT (the output folder),
+# PY (python) and a function job NAME SEED ...; run_jobs WORKERS then runs every job, WORKERS at a
+# time on every GPU (one "GPU" without any), each job's console output in OUT/NAME_sSEED.log.
+
+JOBS=()  # one "NAME SEED ..." per job
+
+add() {  # add NAME SEED STEPS [model flags]: a job, if ROWS names its row
+    if [[ $ROWS == *" $1 "* ]]; then
+        JOBS+=("$*")
+    fi
+}
 
 next_job() {  # the index of the next job nobody has taken
     flock "$OUT/.next" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$OUT/.next"

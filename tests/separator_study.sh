@@ -30,13 +30,7 @@ COMMON=(--data "npz:$DIR/train_*.npz" --preset cifar --batch_size 512 --lr 5e-4
 PROBE=(--mode probe --scan_dirs 1 --finetune_epochs "${PROBE_EPOCHS:-5}" --ft_lr 5e-3
        --eval_every "${PROBE_EPOCHS:-5}")
 ROWS=" ${ROWS:-star concat star_nopos concat_nopos star16 concat16} "
-JOBS=()  # NAME SEED STEPS [model flags]
-
-add() {  # add NAME SEED STEPS [model flags]: a job, if ROWS names its row
-    if [[ $ROWS == *" $1 "* ]]; then
-        JOBS+=("$*")
-    fi
-}
+source "$(dirname "$0")/job_queue.sh"  # add, step, run_jobs
 
 for s in ${SEEDS:-0 1 2}; do
     add star "$s" all --images_per_seq 4 --separator cluster
@@ -68,6 +62,5 @@ job() {  # job NAME SEED STEPS [model flags...]; STEPS: pre, or all
     step "$name: finetune" "${run[@]}" "${init[@]}" --mode finetune --out "$dir" || return 1
 }
 
-source "$(dirname "$0")/job_queue.sh"
 run_jobs "$WORKERS"
 echo "separator_study.sh: all ${#JOBS[@]} jobs ended"

@@ -530,6 +530,26 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
         (1, "none"), (4, "none"), (4, "cluster")]
 
 
+def test_evidence_script_runs_only_the_rows_asked_for(tmp_path):
+    """ROWS picks evidence.sh's rows; STAR's held-out finetunings come only with "heldout"."""
+    data = tmp_path / "c10"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("train_0", "train_1", "train_2", "train_3", "train_4", "test"):
+        write_npz(data / f"{name}.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                  np.arange(16) % 4)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0",
+           "ROWS": "star scratch", "PRE": "1", "FT": "1", "PROBE_EPOCHS": "1",
+           "EXTRA": "--preset tiny --batch_size 16 --compile off"}
+    out = tmp_path / "ev"
+    done = subprocess.run(["bash", "tests/evidence.sh", str(out), str(data), "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
+    assert sorted(p.name for p in out.glob("*.log")) == ["scratch_s0.log", "star_s0.log"]
+    assert (out / "star_s0" / "finetune.pt").exists()
+    assert not list((out / "star_s0").glob("heldout*"))
+
+
 def test_separator_study_runs_every_step_and_tabulates_them(tmp_path):
     """tests/separator_study.sh at a tiny size, two of its rows (every step of a row without
     encoder positions, K=16), then tests/study_table.py over what it wrote."""
