@@ -27,9 +27,17 @@ def records(path):
 
 
 def last(path, phase, key):
-    """The last value of key logged by phase in path, or None."""
-    values = [r[key] for r in records(path) if r.get("phase") == phase and key in r]
-    return values[-1] if values else None
+    """The last value of key logged by phase in path, or None. Only runs that ended count: a value
+    counts once a summary line follows it (a run killed or still running has written none)."""
+    value = None
+    pending = None
+    for r in records(path):
+        if r.get("phase") == phase and key in r:
+            pending = r[key]
+        if "summary" in r and pending is not None:
+            value = pending
+            pending = None
+    return value
 
 
 def runs(out, name):

@@ -589,6 +589,20 @@ def test_separator_study_runs_every_step_and_tabulates_them(tmp_path):
         assert row in table, table
 
 
+def test_tables_count_only_runs_that_ended(tmp_path):
+    """A finetuning killed after an evaluation (no summary line) is no result: the tables read the
+    last run that ended, or nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import evidence_table
+    ended = [{"phase": "finetune", "epoch": 15, "test_acc": 0.86}, {"summary": {}}]
+    killed = [{"phase": "finetune", "epoch": 6, "test_acc": 0.80}, {"phase": "finetune"}]
+    for name, lines, want in (("ended", ended, 0.86), ("killed", killed, None),
+                              ("ended, then killed", ended + killed, 0.86)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        assert evidence_table.last(str(path), "finetune", "test_acc") == want, name
+
+
 def test_paired_interval_is_students_t():
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import evidence_table
