@@ -493,21 +493,31 @@ def test_two_processes_match_one(tmp_path):
     assert "finetune_acc" in two[-1]["summary"]
 
 
-def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
-    """tests/evidence.sh (the README's table, slot losses, K, scan directions) at a tiny size, then
-    tests/evidence_table.py over what it wrote."""
+def run_script(tmp_path, script, rows=None, seeds="0", images=16):
+    """tests/SCRIPT OUT DIR 2 at a tiny size on the CPU (ROWS, default: the script's; SEEDS; 1 epoch
+    per phase), over npz files of IMAGES random images each; fails unless every job ended; returns
+    OUT."""
     data = tmp_path / "c10"
     data.mkdir()
     rng = np.random.default_rng(0)
     for name in ("train_0", "train_1", "train_2", "train_3", "train_4", "test"):
-        write_npz(data / f"{name}.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-                  np.arange(16) % 4)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0 1",
-           "PRE": "1", "FT": "1", "EXTRA": "--preset tiny --batch_size 16 --compile off"}
-    done = subprocess.run(["bash", "tests/evidence.sh", str(tmp_path / "ev"), str(data), "2"],
+        write_npz(data / f"{name}.npz", rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8),
+                  np.arange(images) % 4)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": seeds,
+           "ROWS": rows or "", "PRE": "1", "FT": "1", "PROBE_EPOCHS": "1",
+           "EXTRA": "--preset tiny --batch_size 16 --compile off"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", f"tests/{script}", str(out), str(data), "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
-    table = subprocess.run([sys.executable, "tests/evidence_table.py", str(tmp_path / "ev")],
+    return out
+
+
+def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
+    """tests/evidence.sh (the README's table, slot losses, K, scan directions) at a tiny size, then
+    tests/evidence_table.py over what it wrote."""
+    out = run_script(tmp_path, "evidence.sh", seeds="0 1")  # every row
+    table = subprocess.run([sys.executable, "tests/evidence_table.py", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     for row in ("| scratch | 2 |", "| ARM (K=1, no separator) | 2 |",
                 "| STAR (K=4, separators) | 2 |",
@@ -520,11 +530,11 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
               "concat": ["pretrain", "probe", "finetune"],
               "star": ["pretrain", "probe", "finetune"]}
     for row, ps in phases.items():
-        run_dir = tmp_path / "ev" / f"{row}_s1"
+        run_dir = out / f"{row}_s1"
         assert set(os.listdir(run_dir)) >= {f"{p}.pt" for p in ps}
         logged = [r for r in records(run_dir) if "summary" not in r]
         assert {r["phase"] for r in logged} == set(ps)
-    configs = [torch.load(tmp_path / "ev" / f"{row}_s1" / "pretrain.pt",
+    configs = [torch.load(out / f"{row}_s1" / "pretrain.pt",
                           weights_only=False)["config"] for row in ("arm", "concat", "star")]
     assert [(c["images_per_seq"], c["separator"]) for c in configs] == [
         (1, "none"), (4, "none"), (4, "cluster")]
@@ -532,19 +542,7 @@ def test_evidence_script_runs_every_job_and_tabulates_them(tmp_path):
 
 def test_evidence_script_runs_only_the_rows_asked_for(tmp_path):
     """ROWS picks evidence.sh's rows; STAR's held-out finetunings come only with "heldout"."""
-    data = tmp_path / "c10"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("train_0", "train_1", "train_2", "train_3", "train_4", "test"):
-        write_npz(data / f"{name}.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-                  np.arange(16) % 4)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0",
-           "ROWS": "star scratch", "PRE": "1", "FT": "1", "PROBE_EPOCHS": "1",
-           "EXTRA": "--preset tiny --batch_size 16 --compile off"}
-    out = tmp_path / "ev"
-    done = subprocess.run(["bash", "tests/evidence.sh", str(out), str(data), "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
+    out = run_script(tmp_path, "evidence.sh", "star scratch")
     assert sorted(p.name for p in out.glob("*.log")) == ["scratch_s0.log", "star_s0.log"]
     assert (out / "star_s0" / "finetune.pt").exists()
     assert not list((out / "star_s0").glob("heldout*"))
@@ -553,19 +551,8 @@ def test_evidence_script_runs_only_the_rows_asked_for(tmp_path):
 def test_separator_study_runs_every_step_and_tabulates_them(tmp_path):
     """tests/separator_study.sh at a tiny size, two of its rows (every step of a row without
     encoder positions, K=16), then tests/study_table.py over what it wrote."""
-    data = tmp_path / "c10"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):  # 200 images: train.py holds out 20, at least one sequence of K=16
-        write_npz(data / f"train_{i}.npz", rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
-                  np.arange(40) % 4)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SEEDS": "0",
-           "ROWS": "star_nopos concat16", "PRE": "1", "FT": "1", "PROBE_EPOCHS": "1",
-           "EXTRA": "--preset tiny --batch_size 16 --compile off"}
-    out = tmp_path / "study"
-    done = subprocess.run(["bash", "tests/separator_study.sh", str(out), str(data), "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
+    # 200 training images: train.py holds out 20, at least one sequence of K=16
+    out = run_script(tmp_path, "separator_study.sh", "star_nopos concat16", images=40)
     assert sorted(p.name for p in out.glob("*.log")) == ["concat16_s0.log", "star_nopos_s0.log"]
     star_dir = out / "star_nopos_s0"
     assert {r["phase"] for r in records(star_dir) if "phase" in r} == {"pretrain", "finetune"}
