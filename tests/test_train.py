@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/, for evidence_table
+import evidence_table  # noqa: E402
 import star  # noqa: E402
 import train  # noqa: E402
 
@@ -579,8 +581,6 @@ def test_separator_study_runs_every_step_and_tabulates_them(tmp_path):
 def test_tables_count_only_runs_that_ended(tmp_path):
     """A finetuning killed after an evaluation (no summary line) is no result: the tables read the
     last run that ended, or nothing."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import evidence_table
     ended = [{"phase": "finetune", "epoch": 15, "test_acc": 0.86}, {"summary": {}}]
     killed = [{"phase": "finetune", "epoch": 6, "test_acc": 0.80}, {"phase": "finetune"}]
     for name, lines, want in (("ended", ended, 0.86), ("killed", killed, None),
@@ -591,8 +591,6 @@ def test_tables_count_only_runs_that_ended(tmp_path):
 
 
 def test_paired_interval_is_students_t():
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import evidence_table
     m, half, n = evidence_table.paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.79, 1: 0.80, 2: 0.80})
     assert n == 3 and m == pytest.approx(0.04 / 3)
     assert half == pytest.approx(4.303 * 0.005773503 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2 df)
