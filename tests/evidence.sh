@@ -13,9 +13,9 @@
 # the 5,000 held out (train.py's split when no --test_data is given; npz only). Jobs run
 # WORKERS_PER_GPU at a time on every GPU (a pretraining step at batch 512 leaves an H200 idle half
 # the time), so the wall times in OUT/*.log are not speeds. Env: SEEDS (default "0 1 2"), PRE, FT
-# and PROBE_EPOCHS (default 12, 6 and 5; tests/results/README.md's full-recipe table: 36, 15 and
-# 8), EXTRA (more train.py flags, e.g. for a quick check on a CPU), ROWS (default all: star concat
-# arm scratch heldout star8 concat8 star2; heldout: the STAR rows' held-out finetunings).
+# and PROBE_EPOCHS (default 12, 6 and 5; the README's table: 36, 15 and 8), EXTRA (more train.py
+# flags, e.g. for a quick check on a CPU), ROWS (default all: star concat arm scratch heldout star8
+# concat8 star2; heldout: the STAR rows' held-out finetunings).
 set -euo pipefail
 OUT=${1:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
 DIR=${2:?usage: bash tests/evidence.sh OUT DIR [WORKERS_PER_GPU]}
