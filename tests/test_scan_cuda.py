@@ -76,13 +76,12 @@ def make_inputs(b, d, l, n, groups=None, dtype=F32, bc_dtype=None, D=True, z=Tru
     return {k: v for k, v in x.items() if v is not None}
 
 
-def compare(x, delta_softplus=True, return_last_state=True, dtype=F32):
-    """run the kernel and the float32 reference on the same values;
+def compare(x, delta_softplus=True, return_last_state=True, dtype=F32, scan=selective_scan_cuda):
+    """run the kernel (scan) and the float32 reference on the same values;
     compare outputs and all gradients"""
     mine = {k: v.clone().requires_grad_() for k, v in x.items()}
     ref = {k: v.float().requires_grad_() for k, v in x.items()}
-    out = selective_scan_cuda(**mine, delta_softplus=delta_softplus,
-                              return_last_state=return_last_state)
+    out = scan(**mine, delta_softplus=delta_softplus, return_last_state=return_last_state)
     out_ref = selective_scan_ref(**ref, delta_softplus=delta_softplus,
                                  return_last_state=return_last_state)
     if return_last_state:
@@ -136,12 +135,15 @@ class StandIn:
         given = ([u, delta, A, B, C, torch.zeros(d) if D is None else D,
                   torch.zeros(d) if delta_bias is None else delta_bias]
                  + ([z] if z is not None else []))
-        leaves = [t.detach().float().requires_grad_() for t in given]
-        zf = leaves[7] if z is not None else None
-        with torch.enable_grad():  # a backward runs without grad mode
-            out, last = selective_scan_ref(*leaves[:5], leaves[5], zf, leaves[6], softplus, True)
-            loss = (out * dout.float()).sum() + (0 if dlast is None else (last * dlast).sum())
-            g = torch.autograd.grad(loss, leaves)
+
+        def scan(u, delta, A, B, C, D, delta_bias, *z):  # float32 (out, last state); z if given
+            return selective_scan_ref(u, delta, A, B, C, D, z[0] if z else None, delta_bias,
+                                      softplus, True)
+
+        # a vjp, not autograd.grad: under torch.compile this runs as a custom op, below autograd
+        _, vjp = torch.func.vjp(scan, *[t.detach().float() for t in given])
+        last_grad = torch.zeros_like(ckpt[:, :, -1]) if dlast is None else dlast
+        g = vjp((dout.float(), last_grad))
         pad = (0, ckpt.shape[2] * 64 - u.shape[2])  # dB, dC come rounded up to 64 steps
         dz = g[7].to(u.dtype) if z is not None else u.new_empty(0)
         return [g[0].to(u.dtype), g[1].to(u.dtype), g[2], torch.nn.functional.pad(g[3], pad),
@@ -356,6 +358,18 @@ def test_kernel_checks(ext):
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
     for name, message in expected.items():
         assert message in lines.get(name, ""), f"{name}: {lines.get(name)}"
+
+
+@pytest.mark.parametrize("dtype,last", [(F32, True), (BF16, False)])
+def test_compiled_glue_around_the_kernels(monkeypatch, dtype, last):
+    """on the CPU, with StandIn for the kernels: torch.compile traces _CudaScan through the custom
+    ops (their fake outputs, the backward's slicing) to selective_scan_ref's values and gradients"""
+    import star
+    monkeypatch.setattr(star, "_scan_ext", StandIn())
+    torch.manual_seed(7)
+    x = make_inputs(2, 8, 70, 4, groups=2, dtype=dtype, dev="cpu")
+    scan = torch.compile(selective_scan_cuda, fullgraph=True, backend="aot_eager")
+    compare(x, return_last_state=last, dtype=dtype, scan=scan)
 
 
 @gpu
