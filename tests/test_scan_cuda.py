@@ -179,7 +179,6 @@ def test_cuda_toolkit_is_found_through_nvcc_on_path(tmp_path, monkeypatch, lib):
 def test_glue_around_the_kernels(monkeypatch, dtype, bc_dtype, groups, D, z, bias, last):
     """on the CPU, with StandIn for the kernels: what _CudaScan hands them, and that every gradient
     comes back in its input's shape and dtype (None for inputs not given)"""
-    import star
     monkeypatch.setattr(star, "_scan_ext", StandIn())
     torch.manual_seed(6)
     x = make_inputs(2, 8, 70, 4, groups=groups, dtype=dtype, bc_dtype=bc_dtype, D=D, z=z, bias=bias,
@@ -364,7 +363,6 @@ def test_kernel_checks(ext):
 def test_compiled_glue_around_the_kernels(monkeypatch, dtype, last):
     """on the CPU, with StandIn for the kernels: torch.compile traces _CudaScan through the custom
     ops (their fake outputs, the backward's slicing) to selective_scan_ref's values and gradients"""
-    import star
     monkeypatch.setattr(star, "_scan_ext", StandIn())
     torch.manual_seed(7)
     x = make_inputs(2, 8, 70, 4, groups=2, dtype=dtype, dev="cpu")
